@@ -1,0 +1,1 @@
+"""Vector indexes (FAISS, Milvus) and retrieval evaluation. Depends on nothing else of ours."""

@@ -1,0 +1,9 @@
+"""`reid serve`, `reid db`, `reid keys`, `reid demo`."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    pass

@@ -1,0 +1,1 @@
+"""Offline training pipeline: re-identification models on timm backbones with DenoiseRep."""

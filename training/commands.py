@@ -1,0 +1,9 @@
+"""`reid train`, `reid export`, `reid evaluate`."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    pass
