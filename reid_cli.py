@@ -21,6 +21,7 @@ app = typer.Typer(
     help="Person and vehicle re-identification: train (DenoiseRep), export, evaluate, serve.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    add_completion=False,
 )
 
 
