@@ -1,0 +1,65 @@
+"""One factory for every vector index, and one loader for every snapshot.
+
+Backends are imported on first use, so ``import index`` costs neither pymilvus nor a GPU probe.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from index.base import IndexInputError, SnapshotError, VectorIndex
+from index.snapshot import read_manifest
+
+BACKENDS = ("faiss", "milvus")
+
+
+def create_index(
+    backend: str = "faiss", spec: str = "flat", dim: int | None = None, **options: Any
+) -> VectorIndex:
+    """Build an empty index.
+
+    Args:
+        backend: ``faiss`` (in-process, the default) or ``milvus`` (milvus-lite file or a server).
+        spec: index structure: ``flat`` (exact), ``ivf-flat``, ``ivf-sq8``, ``ivf-pq``, ``hnsw``
+            (Milvus also ``gpu-flat``, ``gpu-ivf-flat``, ``gpu-ivf-pq``, ``gpu-cagra``).
+        dim: vector dimension (required).
+        **options: backend options: see :class:`index.faiss_specs.FaissOptions` and
+            :class:`index.milvus_index.MilvusIndex` (``uri``, ``token``, ``collection``...).
+
+    Returns:
+        A :class:`~index.base.VectorIndex`.
+    """
+    if dim is None:
+        raise IndexInputError("create_index needs dim= (the embedding dimension, e.g. 384 or 768)")
+    if backend == "faiss":
+        from index.faiss_index import FaissIndex
+
+        return FaissIndex(dim, spec, **options)
+    if backend == "milvus":
+        from index.milvus_index import MilvusIndex
+
+        return MilvusIndex(dim, spec, **options)
+    raise IndexInputError(f"unknown index backend '{backend}'; choose one of {list(BACKENDS)}")
+
+
+def load_index(path: str | Path, **options: Any) -> VectorIndex:
+    """Open the snapshot in folder ``path`` with the backend its manifest names.
+
+    Args:
+        path: snapshot folder written by ``save``.
+        **options: overrides passed to the backend's ``load`` (``gpu=False``, ``token=...``).
+
+    Raises:
+        SnapshotError: missing, corrupt or mismatched snapshot (rebuild from the database).
+    """
+    backend = read_manifest(path).backend
+    if backend == "faiss":
+        from index.faiss_index import FaissIndex
+
+        return FaissIndex.load(path, **options)
+    if backend == "milvus":
+        from index.milvus_index import MilvusIndex
+
+        return MilvusIndex.load(path, **options)
+    raise SnapshotError(f"snapshot at {path} names unknown backend '{backend}'")
