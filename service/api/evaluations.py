@@ -1,0 +1,132 @@
+"""``/v1/evaluations``: evaluate a served model on a labelled dataset (a job); results stored and listed."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import anyio
+from fastapi import APIRouter, Depends, Header, Query
+from sqlalchemy import select
+
+from service.api import idempotency
+from service.api.deps import DbSession, Scope, State, authorize
+from service.api.galleries import resolve_model
+from service.api.jobs import check_dataset_root, check_layout, create_job_idempotently
+from service.api.problems import PROBLEM_RESPONSES, Problem, not_found
+from service.api.schemas import EvaluationCreate, EvaluationOut, Page, decode_cursor, encode_cursor
+from service.db.models import Evaluation, Job, ModelRow
+
+router = APIRouter(prefix="/v1/evaluations", tags=["evaluations"], responses=PROBLEM_RESPONSES)
+
+
+def evaluation_out(ev: Evaluation) -> EvaluationOut:
+    return EvaluationOut(
+        id=ev.id,
+        status=ev.job.status,
+        job_id=ev.job_id,
+        model=ev.model.name,
+        model_version=ev.model.version,
+        protocol=ev.protocol,
+        dataset=ev.dataset,
+        rerank=ev.rerank,
+        options=ev.options or {},
+        result=ev.result,
+        duration_s=ev.duration_s,
+        error=ev.job.error,
+        created_at=ev.created_at,
+    )
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=EvaluationOut,
+    summary="Evaluate a model on a dataset (Market-1501 or VehicleID protocol)",
+    dependencies=[Depends(authorize(Scope.WRITE))],
+    responses={202: {"headers": {"Location": {"description": "/v1/evaluations/{id}"}}}},
+)
+async def create_evaluation(
+    body: EvaluationCreate,
+    state: State,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> Any:
+    key = idempotency.check_key(idempotency_key)
+    runtime = resolve_model(state, body.model, body.version)
+    check_layout(body.dataset.layout)
+    await anyio.to_thread.run_sync(check_dataset_root, state, body.dataset.root)
+    protocol = body.protocol or ("vehicleid" if body.dataset.layout.lower() == "vehicleid" else "market1501")
+    options: dict[str, Any] = {"ap_mode": body.ap_mode}
+    if protocol == "vehicleid":
+        options.update(trials=body.trials, seed=body.seed, test_size=body.test_size)
+    dataset = body.dataset.model_dump()
+    payload = {
+        "model": runtime.key,
+        "dataset": dataset,
+        "protocol": protocol,
+        "rerank": body.rerank,
+        "options": options,
+    }
+
+    def build(session: Any) -> tuple[dict[str, Any], str]:
+        job = Job(kind="evaluate", status="queued", params={})
+        session.add(job)
+        session.flush()
+        ev = Evaluation(
+            job_id=job.id,
+            model_id=runtime.row_id,
+            protocol=protocol,
+            dataset=dataset,
+            options=options,
+            rerank=body.rerank,
+        )
+        session.add(ev)
+        session.flush()
+        job.params = {"evaluation_id": ev.id}
+        session.flush()
+        session.refresh(ev)
+        return evaluation_out(ev).model_dump(mode="json"), f"/v1/evaluations/{ev.id}"
+
+    return await anyio.to_thread.run_sync(
+        lambda: create_job_idempotently(
+            state,
+            key=key,
+            scope="POST /v1/evaluations",
+            request_hash=idempotency.fingerprint(payload),
+            build=build,
+        )
+    )
+
+
+@router.get("", summary="List evaluations", dependencies=[Depends(authorize(Scope.READ))])
+def list_evaluations(
+    session: DbSession,
+    model: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: str | None = None,
+) -> Page[EvaluationOut]:
+    try:
+        after = decode_cursor(cursor)
+    except ValueError as exc:
+        raise Problem(
+            400, "Invalid cursor", "Pass back the next_cursor of a previous page.", slug="invalid-cursor"
+        ) from exc
+    stmt = select(Evaluation).where(Evaluation.id > after)
+    if model is not None:
+        stmt = stmt.where(Evaluation.model_id.in_(select(ModelRow.id).where(ModelRow.name == model)))
+    rows = session.scalars(stmt.order_by(Evaluation.id).limit(limit + 1)).unique().all()
+    return Page[EvaluationOut](
+        items=[evaluation_out(r) for r in rows[:limit]],
+        next_cursor=encode_cursor(rows[limit - 1].id) if len(rows) > limit else None,
+    )
+
+
+@router.get(
+    "/{evaluation_id}",
+    summary="An evaluation's status and result",
+    dependencies=[Depends(authorize(Scope.READ))],
+)
+def get_evaluation(evaluation_id: int, session: DbSession) -> EvaluationOut:
+    ev = session.get(Evaluation, evaluation_id)
+    if ev is None:
+        raise not_found("Evaluation", evaluation_id)
+    return evaluation_out(ev)

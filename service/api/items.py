@@ -1,0 +1,295 @@
+"""``/v1/galleries/{id}/items``: upload images (201 once durable), get, list, delete, thumbnails."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+import anyio
+from fastapi import APIRouter, Depends, File, Form, Header, Query, Response, UploadFile
+from fastapi.responses import FileResponse, JSONResponse
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service.api import idempotency
+from service.api.deps import DbSession, Scope, State, authorize
+from service.api.problems import PROBLEM_RESPONSES, Problem, not_found, problem_responses
+from service.api.schemas import ItemOut, Page, decode_cursor, encode_cursor
+from service.api.uploads import decode_uploads, embed_decoded, parse_time, per_image, read_uploads
+from service.db.models import Gallery, Item
+from service.image_store import ImageMissingError
+from service.item_writer import (
+    GalleryGoneError,
+    GalleryModelsChangedError,
+    NewItem,
+    StoredItem,
+    gallery_model_ids,
+)
+from service.state import ServiceState
+
+router = APIRouter(
+    prefix="/v1/galleries/{gallery_id}/items",
+    tags=["items"],
+    responses={**PROBLEM_RESPONSES, **problem_responses(410, 413, 415)},
+)
+
+Read = Depends(authorize(Scope.READ))
+Write = Depends(authorize(Scope.WRITE))
+Admin = Depends(authorize(Scope.ADMIN))
+
+
+def thumbnail_url(item: Item | StoredItem) -> str:
+    return f"/v1/galleries/{item.gallery_id}/items/{item.id}/thumbnail"
+
+
+def item_out(item: Item | StoredItem) -> ItemOut:
+    return ItemOut(
+        id=item.id,
+        gallery_id=item.gallery_id,
+        identity=item.identity,
+        camera=item.camera,
+        captured_at=item.captured_at,
+        content_hash=item.content_hash,
+        source_path=item.source_path,
+        width=item.width,
+        height=item.height,
+        status=item.status,
+        created_at=item.created_at,
+        thumbnail_url=thumbnail_url(item),
+    )
+
+
+def _models_of(state: ServiceState, gallery_id: int) -> set[int]:
+    with state.sessions() as session:
+        try:
+            return gallery_model_ids(session, gallery_id)
+        except GalleryGoneError as exc:
+            raise not_found("Gallery", gallery_id) from exc
+
+
+@router.post(
+    "",
+    status_code=201,
+    summary="Add images to the gallery (multipart: files in 'image', optional metadata per image)",
+    dependencies=[Write],
+    responses={201: {"description": "The new items, durable (committed) and searchable"}},
+)
+async def add_items(
+    gallery_id: int,
+    state: State,
+    image: Annotated[list[UploadFile], File(description="One or more JPEG/PNG/WebP files.")],
+    identity: Annotated[list[str] | None, Form(description="Once for all images, or once per image.")] = None,
+    camera: Annotated[list[str] | None, Form(description="Once for all images, or once per image.")] = None,
+    captured_at: Annotated[
+        list[str] | None, Form(description="ISO 8601 or epoch seconds; once or per image.")
+    ] = None,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> Any:
+    key = idempotency.check_key(idempotency_key)
+    model_ids = await anyio.to_thread.run_sync(_models_of, state, gallery_id)
+    uploads = await read_uploads(state, image)
+    n = len(uploads)
+    identities = per_image(identity, n, "identity")
+    cameras = per_image(camera, n, "camera")
+    times = [parse_time(t, "captured_at") for t in per_image(captured_at, n, "captured_at")]
+    decoded = await decode_uploads(state, uploads)
+    scope = f"POST /v1/galleries/{gallery_id}/items"
+    request_hash = idempotency.fingerprint(
+        {
+            "images": [d.content_hash for d in decoded],
+            "identity": identities,
+            "camera": cameras,
+            "captured_at": [t.isoformat() if t else None for t in times],
+        }
+    )
+    if key is not None:
+        with state.sessions() as session:
+            stored = idempotency.lookup(session, key, scope, request_hash)
+        if stored is not None:
+            return JSONResponse(stored.body, status_code=stored.status_code)
+    # Durable image bytes first: an acknowledged item never points at a missing upload.
+    for (_, data), d in zip(uploads, decoded, strict=True):
+        await anyio.to_thread.run_sync(state.images.put, data, d.content_hash, d.format)
+    new_items = [
+        NewItem(
+            content_hash=d.content_hash,
+            image_format=d.format,
+            width=d.width,
+            height=d.height,
+            identity=identities[i],
+            camera=cameras[i],
+            captured_at=times[i],
+        )
+        for i, d in enumerate(decoded)
+    ]
+    vectors: dict[int, Any] = {}
+    for _attempt in range(3):
+        for model_id in model_ids - set(vectors):
+            runtime = state.models.by_row(model_id)
+            if runtime is None:
+                raise Problem(
+                    503,
+                    "Model not loaded",
+                    f"The gallery's model (id {model_id}) is not loaded by this service.",
+                    slug="model-not-loaded",
+                )
+            vectors[model_id] = await embed_decoded(state, runtime, decoded)
+        try:
+            body = await anyio.to_thread.run_sync(
+                _write, state, gallery_id, new_items, vectors, key, scope, request_hash
+            )
+        except GalleryModelsChangedError as exc:
+            model_ids = exc.required  # an upgrade started meanwhile: embed with its model too
+            continue
+        except GalleryGoneError as exc:
+            raise not_found("Gallery", gallery_id) from exc
+        return JSONResponse(body, status_code=201)
+    raise Problem(
+        503,
+        "Gallery busy",
+        "The gallery's models kept changing; retry.",
+        slug="busy",
+        headers={"Retry-After": "1"},
+    )
+
+
+def _write(
+    state: ServiceState,
+    gallery_id: int,
+    new_items: list[NewItem],
+    vectors: dict[int, Any],
+    key: str | None,
+    scope: str,
+    request_hash: str,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+
+    def record(session: Session, items: list[StoredItem]) -> None:
+        body["items"] = [item_out(i).model_dump(mode="json") for i in items]
+        if key is not None:  # committed with the items: a retry can never add them twice
+            idempotency.remember(session, key, scope, request_hash, 201, body, None)
+
+    try:
+        state.writer.add(gallery_id, new_items, vectors, before_commit=record)
+    except IntegrityError:
+        if key is None:
+            raise
+        # A concurrent request with the same key committed first; this one rolled back entirely.
+        with state.sessions() as session:
+            stored = idempotency.lookup(session, key, scope, request_hash)
+        if stored is None:
+            raise
+        return stored.body
+    return body
+
+
+@router.get("", summary="List items with filters", dependencies=[Read])
+def list_items(
+    gallery_id: int,
+    session: DbSession,
+    identity: str | None = None,
+    camera: str | None = None,
+    time_from: str | None = None,
+    time_to: str | None = None,
+    include_deleted: bool = False,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: str | None = None,
+) -> Page[ItemOut]:
+    if session.get(Gallery, gallery_id) is None:
+        raise not_found("Gallery", gallery_id)
+    try:
+        after = decode_cursor(cursor)
+    except ValueError as exc:
+        raise Problem(
+            400, "Invalid cursor", "Pass back the next_cursor of a previous page.", slug="invalid-cursor"
+        ) from exc
+    stmt = select(Item).where(Item.gallery_id == gallery_id, Item.id > after)
+    if not include_deleted:
+        stmt = stmt.where(Item.status == "active")
+    if identity is not None:
+        stmt = stmt.where(Item.identity == identity)
+    if camera is not None:
+        stmt = stmt.where(Item.camera == camera)
+    start, end = parse_time(time_from, "time_from"), parse_time(time_to, "time_to")
+    if start is not None:
+        stmt = stmt.where(Item.captured_at >= start)
+    if end is not None:
+        stmt = stmt.where(Item.captured_at <= end)
+    rows = session.scalars(stmt.order_by(Item.id).limit(limit + 1)).all()
+    return Page[ItemOut](
+        items=[item_out(i) for i in rows[:limit]],
+        next_cursor=encode_cursor(rows[limit - 1].id) if len(rows) > limit else None,
+    )
+
+
+def _get_item(session: Any, gallery_id: int, item_id: int) -> Item:
+    item = session.get(Item, item_id)
+    if item is None or item.gallery_id != gallery_id:
+        raise not_found("Item", item_id)
+    return item
+
+
+@router.get("/{item_id}", summary="Get an item", dependencies=[Read])
+def get_item(gallery_id: int, item_id: int, session: DbSession) -> ItemOut:
+    return item_out(_get_item(session, gallery_id, item_id))
+
+
+@router.delete(
+    "/{item_id}", status_code=204, summary="Delete an item (it never comes back)", dependencies=[Admin]
+)
+def delete_item(gallery_id: int, item_id: int, state: State) -> Response:
+    with state.sessions() as session:
+        item = _get_item(session, gallery_id, item_id)
+        if item.status != "active":
+            raise not_found("Item", item_id)
+    try:
+        state.writer.delete(gallery_id, [item_id])
+    except GalleryGoneError as exc:
+        raise not_found("Gallery", gallery_id) from exc
+    return Response(status_code=204)
+
+
+@router.get(
+    "/{item_id}/thumbnail",
+    summary="JPEG thumbnail of an item",
+    dependencies=[Read],
+    response_class=Response,
+    responses={200: {"content": {"image/jpeg": {}}}},
+)
+async def thumbnail(gallery_id: int, item_id: int, state: State) -> Response:
+    def load() -> bytes:
+        with state.sessions() as session:
+            item = _get_item(session, gallery_id, item_id)
+        try:
+            return state.images.thumbnail(item.content_hash, item.image_format, item.source_path)
+        except ImageMissingError as exc:
+            raise Problem(410, "Image gone", str(exc), slug="image-gone") from exc
+        except OSError as exc:
+            raise Problem(
+                410, "Image unreadable", f"The item's image cannot be read: {exc}", slug="image-gone"
+            ) from exc
+
+    loop = asyncio.get_running_loop()
+    data = await loop.run_in_executor(state.decoder.pool, load)
+    return Response(
+        data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400, immutable"}
+    )
+
+
+@router.get(
+    "/{item_id}/image",
+    summary="The item's original image",
+    dependencies=[Read],
+    response_class=FileResponse,
+    responses={200: {"content": {"image/*": {}}}},
+)
+def original_image(gallery_id: int, item_id: int, state: State, session: DbSession) -> FileResponse:
+    item = _get_item(session, gallery_id, item_id)
+    path = state.images.source_of(item.content_hash, item.image_format, item.source_path)
+    if not path.is_file():
+        raise Problem(410, "Image gone", "The item's image file is no longer on disk.", slug="image-gone")
+    media = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}.get(
+        item.image_format, "application/octet-stream"
+    )
+    return FileResponse(path, media_type=media)

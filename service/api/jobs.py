@@ -1,0 +1,245 @@
+"""Jobs: ``POST /v1/galleries/{id}/ingest-jobs``, ``/v1/jobs`` (progress, cancel, errors)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import anyio
+from fastapi import APIRouter, Depends, Header, Query
+from fastapi.responses import JSONResponse
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from service.api import idempotency
+from service.api.deps import DbSession, Scope, State, authorize
+from service.api.problems import PROBLEM_RESPONSES, Problem, not_found, problem_responses
+from service.api.schemas import IngestCreate, JobErrorOut, JobOut, Page, decode_cursor, encode_cursor
+from service.db.models import Gallery, Job, JobError, utcnow
+from service.db.session import transaction
+from service.jobs.sources import DatasetPathForbiddenError, DatasetPathInvalidError, resolve_dataset_root
+from service.state import ServiceState
+
+router = APIRouter(prefix="/v1", tags=["jobs"], responses=PROBLEM_RESPONSES)
+
+Read = Depends(authorize(Scope.READ))
+Write = Depends(authorize(Scope.WRITE))
+
+
+def job_out(job: Job) -> JobOut:
+    rate = eta = None
+    if job.status == "running" and job.started_at is not None:
+        elapsed = (utcnow() - job.started_at).total_seconds()
+        if elapsed > 0 and job.done:
+            rate = job.done / elapsed
+            if job.total is not None:
+                eta = max(0.0, (job.total - job.done - job.failed) / rate)
+    elif job.status == "succeeded" and job.started_at and job.finished_at:
+        elapsed = (job.finished_at - job.started_at).total_seconds()
+        rate = job.done / elapsed if elapsed > 0 else None
+        eta = 0.0
+    return JobOut(
+        id=job.id,
+        kind=job.kind,
+        status=job.status,
+        gallery_id=job.gallery_id,
+        done=job.done,
+        total=job.total,
+        failed=job.failed,
+        skipped=job.skipped,
+        rate=rate,
+        eta_s=eta,
+        attempts=job.attempts,
+        cancel_requested=job.cancel_requested,
+        error=job.error,
+        params=job.params or {},
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        errors_url=f"/v1/jobs/{job.id}/errors",
+    )
+
+
+def check_dataset_root(state: ServiceState, root: str) -> None:
+    """Answer 403/422 at once for a folder a job would refuse later."""
+    try:
+        resolve_dataset_root(root, state.settings.dataset_roots)
+    except DatasetPathForbiddenError as exc:
+        raise Problem(403, "Dataset path not allowed", str(exc), slug="dataset-path-forbidden") from exc
+    except DatasetPathInvalidError as exc:
+        raise Problem(422, "Dataset path not found", str(exc), slug="dataset-path-invalid") from exc
+
+
+def check_layout(layout: str) -> None:
+    from training.data.errors import UnknownDatasetError
+    from training.data.registry import dataset_kind
+
+    try:
+        dataset_kind(layout)
+    except UnknownDatasetError as exc:
+        raise Problem(422, "Unknown dataset layout", str(exc), slug="unknown-layout") from exc
+
+
+def accepted(body: dict[str, Any], location: str) -> JSONResponse:
+    return JSONResponse(body, status_code=202, headers={"Location": location})
+
+
+def create_job_idempotently(
+    state: ServiceState,
+    *,
+    key: str | None,
+    scope: str,
+    request_hash: str,
+    build: Any,
+) -> JSONResponse:
+    """Run ``build(session) -> (body, location)`` in one transaction with the idempotency record.
+
+    A concurrent request with the same key loses the unique-constraint race and replays the winner.
+    """
+    for _ in range(2):
+        try:
+            with transaction(state.sessions) as session:
+                if key is not None:
+                    stored = idempotency.lookup(session, key, scope, request_hash)
+                    if stored is not None:
+                        return JSONResponse(
+                            stored.body,
+                            status_code=stored.status_code,
+                            headers={"Location": stored.location} if stored.location else None,
+                        )
+                body, location = build(session)
+                if key is not None:
+                    idempotency.remember(session, key, scope, request_hash, 202, body, location)
+        except IntegrityError:
+            if key is None:
+                raise
+            continue
+        if state.jobs is not None:
+            state.jobs.wake()
+        return accepted(body, location)
+    raise Problem(
+        409,
+        "Conflicting request",
+        "A request with this Idempotency-Key is in progress; retry.",
+        slug="idempotency-conflict",
+    )
+
+
+@router.post(
+    "/galleries/{gallery_id}/ingest-jobs",
+    status_code=202,
+    summary="Ingest a server-side dataset folder into the gallery",
+    response_model=JobOut,
+    dependencies=[Write],
+    responses={
+        202: {"headers": {"Location": {"description": "/v1/jobs/{job_id}"}}},
+        **problem_responses(403),
+    },
+)
+async def create_ingest_job(
+    gallery_id: int,
+    body: IngestCreate,
+    state: State,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> Any:
+    key = idempotency.check_key(idempotency_key)
+    check_layout(body.source.layout)
+    await anyio.to_thread.run_sync(check_dataset_root, state, body.source.root)
+    params = {"source": body.source.model_dump()}
+
+    def build(session: Any) -> tuple[dict[str, Any], str]:
+        if session.get(Gallery, gallery_id) is None:
+            raise not_found("Gallery", gallery_id)
+        job = Job(kind="ingest", status="queued", gallery_id=gallery_id, params=params)
+        session.add(job)
+        session.flush()
+        session.refresh(job)
+        return job_out(job).model_dump(mode="json"), f"/v1/jobs/{job.id}"
+
+    return await anyio.to_thread.run_sync(
+        lambda: create_job_idempotently(
+            state,
+            key=key,
+            scope=f"POST /v1/galleries/{gallery_id}/ingest-jobs",
+            request_hash=idempotency.fingerprint(params),
+            build=build,
+        )
+    )
+
+
+@router.get("/jobs", summary="List jobs", dependencies=[Read])
+def list_jobs(
+    session: DbSession,
+    gallery_id: int | None = None,
+    kind: str | None = None,
+    status: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: str | None = None,
+) -> Page[JobOut]:
+    after = _cursor(cursor)
+    stmt = select(Job).where(Job.id > after)
+    if gallery_id is not None:
+        stmt = stmt.where(Job.gallery_id == gallery_id)
+    if kind is not None:
+        stmt = stmt.where(Job.kind == kind)
+    if status is not None:
+        stmt = stmt.where(Job.status == status)
+    rows = session.scalars(stmt.order_by(Job.id).limit(limit + 1)).all()
+    return Page[JobOut](
+        items=[job_out(j) for j in rows[:limit]],
+        next_cursor=encode_cursor(rows[limit - 1].id) if len(rows) > limit else None,
+    )
+
+
+@router.get("/jobs/{job_id}", summary="A job's status and progress", dependencies=[Read])
+def get_job(job_id: int, session: DbSession) -> JobOut:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise not_found("Job", job_id)
+    return job_out(job)
+
+
+@router.post("/jobs/{job_id}/cancel", status_code=202, summary="Cancel a job", dependencies=[Write])
+def cancel_job(job_id: int, state: State) -> JobOut:
+    if state.jobs is None:
+        raise Problem(503, "Jobs unavailable", "The job runner is not running.", slug="not-ready")
+    try:
+        state.jobs.cancel(job_id)
+    except KeyError as exc:
+        raise not_found("Job", job_id) from exc
+    with state.sessions() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return job_out(job)
+
+
+@router.get("/jobs/{job_id}/errors", summary="Inputs a job could not process", dependencies=[Read])
+def job_errors(
+    job_id: int,
+    session: DbSession,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: str | None = None,
+) -> Page[JobErrorOut]:
+    if session.get(Job, job_id) is None:
+        raise not_found("Job", job_id)
+    rows = session.scalars(
+        select(JobError)
+        .where(JobError.job_id == job_id, JobError.id > _cursor(cursor))
+        .order_by(JobError.id)
+        .limit(limit + 1)
+    ).all()
+    return Page[JobErrorOut](
+        items=[
+            JobErrorOut(id=r.id, source=r.source, error=r.error, created_at=r.created_at)
+            for r in rows[:limit]
+        ],
+        next_cursor=encode_cursor(rows[limit - 1].id) if len(rows) > limit else None,
+    )
+
+
+def _cursor(cursor: str | None) -> int:
+    try:
+        return decode_cursor(cursor)
+    except ValueError as exc:
+        raise Problem(
+            400, "Invalid cursor", "Pass back the next_cursor of a previous page.", slug="invalid-cursor"
+        ) from exc

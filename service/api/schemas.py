@@ -1,0 +1,337 @@
+"""Request and response bodies of the API (the shapes clients rely on), with OpenAPI examples."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+T = TypeVar("T")
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class Page(BaseModel, Generic[T]):
+    """One page of a listing; pass ``next_cursor`` back as ``cursor`` for the next one."""
+
+    items: list[T]
+    next_cursor: str | None = Field(None, description="Opaque cursor of the next page; null on the last.")
+
+
+def encode_cursor(last_id: int) -> str:
+    return base64.urlsafe_b64encode(f"id:{last_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None) -> int:
+    """The id after which a page starts (0 for the first page); raises ValueError on a bad cursor."""
+    if not cursor:
+        return 0
+    padded = cursor + "=" * (-len(cursor) % 4)
+    text = base64.urlsafe_b64decode(padded.encode()).decode()
+    prefix, _, value = text.partition(":")
+    if prefix != "id" or not value.isdigit():
+        raise ValueError(cursor)
+    return int(value)
+
+
+# ------------------------------------------------------------------------------------------- models
+
+
+class ModelOut(BaseModel):
+    name: str = Field(examples=["person"])
+    version: str = Field(
+        examples=["3f2a9c01b7de"], description="First 12 hex digits of the weights' SHA-256."
+    )
+    kind: str = Field(examples=["person"])
+    dim: int = Field(examples=[512])
+    input_size: list[int] = Field(examples=[[256, 128]], description="(height, width)")
+    architecture: dict[str, Any] | None = None
+    evaluation: dict[str, Any] | None = Field(None, description="Evaluation recorded at export time.")
+    default: bool = Field(description="Whether this version answers to the bare name.")
+    device: str = Field(examples=["cuda:0"])
+    dtype: str = Field(examples=["float16"])
+
+
+# ---------------------------------------------------------------------------------------- galleries
+
+
+class GalleryCreate(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"name": "lobby", "model": "person"}]})
+
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f]+$")
+    model: str = Field(min_length=1, max_length=100, description="Served model name.")
+    version: str | None = Field(None, description="Model version; default: the served default version.")
+    index_spec: str | None = Field(None, description="Index spec (default: the service's setting).")
+
+
+class SnapshotOut(BaseModel):
+    last_seq: int
+    count: int
+    created_at: dt.datetime
+
+
+class StandbyOut(BaseModel):
+    model: str
+    model_version: str
+    ready: bool
+
+
+class GalleryOut(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": 1,
+                    "name": "lobby",
+                    "model": "person",
+                    "model_version": "3f2a9c01b7de",
+                    "count": 0,
+                    "kind": "person",
+                    "dim": 512,
+                    "index": {"backend": "faiss", "spec": "flat", "size": 0},
+                    "last_snapshot": None,
+                    "standby": None,
+                    "created_at": "2026-11-27T10:00:00Z",
+                }
+            ]
+        }
+    )
+
+    id: int
+    name: str
+    model: str
+    model_version: str
+    kind: str
+    dim: int
+    count: int = Field(description="Active items (the database's count).")
+    index: dict[str, Any] = Field(description="backend, spec and size of the in-memory index.")
+    last_snapshot: SnapshotOut | None = None
+    standby: StandbyOut | None = Field(None, description="The other model version during/after an upgrade.")
+    created_at: dt.datetime
+
+
+class ReembedCreate(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"model": "person", "version": "9b1e44d02a7c"}]}
+    )
+
+    model: str
+    version: str | None = None
+    switch: bool = Field(True, description="Switch the gallery to the new model when the job completes.")
+
+
+class SwitchModel(BaseModel):
+    version: str | None = Field(
+        None, description="Expected version to switch to (a guard); default: the standby."
+    )
+
+
+# -------------------------------------------------------------------------------------------- items
+
+
+class ItemOut(BaseModel):
+    id: int
+    gallery_id: int
+    identity: str | None
+    camera: str | None
+    captured_at: dt.datetime | None
+    content_hash: str
+    source_path: str | None = Field(None, description="Ingested file, referenced where it lies.")
+    width: int
+    height: int
+    status: Literal["active", "deleted"]
+    created_at: dt.datetime
+    thumbnail_url: str
+
+
+# --------------------------------------------------------------------------------------------- jobs
+
+
+class IngestSource(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"layout": "market1501", "root": "/data/market", "split": "gallery"}]}
+    )
+
+    layout: str = Field(
+        min_length=1,
+        description="A dataset layout the dataset registry knows (market1501, vehicleid, folder, ...).",
+    )
+    root: str = Field(min_length=1, description="Server-side folder, inside a configured dataset root.")
+    split: Literal["train", "query", "gallery"] = "gallery"
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Parser options, e.g. "
+        '{"manifest": "list.csv"} for folder, {"test_size": 800} for vehicleid.',
+    )
+
+
+class IngestCreate(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"source": {"layout": "market1501", "root": "/data/market", "split": "gallery"}}]
+        }
+    )
+
+    source: IngestSource
+
+
+class JobOut(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": 7,
+                    "kind": "ingest",
+                    "status": "running",
+                    "gallery_id": 1,
+                    "done": 5120,
+                    "total": 19732,
+                    "failed": 3,
+                    "skipped": 0,
+                    "rate": 812.5,
+                    "eta_s": 18.0,
+                    "error": None,
+                }
+            ]
+        }
+    )
+
+    id: int
+    kind: Literal["ingest", "reembed", "evaluate"]
+    status: JobStatus
+    gallery_id: int | None
+    done: int = Field(description="Inputs processed (stored or already present).")
+    total: int | None = Field(description="Inputs in all; null until the source has been read.")
+    failed: int = Field(description="Inputs that could not be processed (see /errors).")
+    skipped: int = Field(description="Inputs already stored (counted in done).")
+    rate: float | None = Field(None, description="Inputs per second in this attempt.")
+    eta_s: float | None = Field(None, description="Estimated seconds left.")
+    attempts: int
+    cancel_requested: bool
+    error: str | None
+    params: dict[str, Any]
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    errors_url: str
+
+
+class JobErrorOut(BaseModel):
+    id: int
+    source: str
+    error: str
+    created_at: dt.datetime
+
+
+# -------------------------------------------------------------------------------------- evaluations
+
+
+class DatasetRef(BaseModel):
+    layout: str = Field(min_length=1, examples=["market1501"])
+    root: str = Field(min_length=1, examples=["/data/market"])
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class EvaluationCreate(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "person",
+                    "dataset": {"layout": "market1501", "root": "/data/market"},
+                    "protocol": "market1501",
+                    "rerank": False,
+                }
+            ]
+        }
+    )
+
+    model: str
+    version: str | None = None
+    dataset: DatasetRef
+    protocol: Literal["market1501", "vehicleid"] | None = Field(
+        None, description="Default: vehicleid for the vehicleid layout, else market1501 (query vs gallery)."
+    )
+    rerank: bool = False
+    ap_mode: Literal["standard", "devkit"] = "standard"
+    trials: int = Field(10, ge=1, le=100, description="VehicleID: repetitions of the random gallery draw.")
+    seed: int = Field(0, ge=0, description="VehicleID: seed of the draws.")
+    test_size: int | None = Field(None, ge=2, description="VehicleID: identities drawn per trial.")
+
+
+class EvaluationOut(BaseModel):
+    id: int
+    status: JobStatus
+    job_id: int
+    model: str
+    model_version: str
+    protocol: str
+    dataset: dict[str, Any]
+    rerank: bool
+    options: dict[str, Any]
+    result: dict[str, Any] | None = Field(None, description="The evaluation JSON of `reid evaluate`.")
+    duration_s: float | None
+    error: str | None
+    created_at: dt.datetime
+
+
+# ------------------------------------------------------------------------------------------- search
+
+
+class SearchHit(BaseModel):
+    item_id: int
+    score: float = Field(description="Cosine similarity (re-ranked searches: 1 - re-ranked distance).")
+    identity: str | None
+    camera: str | None
+    captured_at: dt.datetime | None
+    thumbnail_url: str
+
+
+class QueryResult(BaseModel):
+    results: list[SearchHit]
+
+
+class SearchResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "person",
+                    "model_version": "3f2a9c01b7de",
+                    "queries": [
+                        {
+                            "results": [
+                                {
+                                    "item_id": 42,
+                                    "score": 0.91,
+                                    "identity": "17",
+                                    "camera": "3",
+                                    "captured_at": "2026-11-27T09:58:12Z",
+                                    "thumbnail_url": "/v1/galleries/1/items/42/thumbnail",
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ]
+        }
+    )
+
+    model: str
+    model_version: str
+    queries: list[QueryResult]
+
+
+class SearchByItem(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"item_id": 42, "k": 10}]})
+
+    item_id: int
+    k: int | None = Field(None, ge=1)
+    cameras: list[str] | None = None
+    time_from: dt.datetime | None = None
+    time_to: dt.datetime | None = None
+    exclude_identity: str | None = None
+    exclude_self: bool = True
+    rerank: bool = False

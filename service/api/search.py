@@ -1,0 +1,238 @@
+"""``POST /v1/galleries/{id}/search`` (by uploaded images) and ``.../search-by-item`` (by a stored item)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated
+
+import anyio
+import numpy as np
+from fastapi import APIRouter, Depends, File, Form, UploadFile
+from sqlalchemy import select
+
+from index import SearchFilter
+from service.api.deps import Scope, State, authorize
+from service.api.items import thumbnail_url
+from service.api.problems import PROBLEM_RESPONSES, Problem, not_found, problem_responses
+from service.api.schemas import QueryResult, SearchByItem, SearchHit, SearchResponse
+from service.api.uploads import decode_uploads, embed_decoded, parse_time, read_uploads
+from service.db.models import Embedding, Gallery, Item
+from service.embedder import ModelRuntime
+from service.gallery_index import GalleryIndex, attribute_code, vectors_from_bytes
+from service.state import ServiceState
+
+router = APIRouter(
+    prefix="/v1/galleries/{gallery_id}",
+    tags=["search"],
+    responses={**PROBLEM_RESPONSES, **problem_responses(413, 415)},
+    dependencies=[Depends(authorize(Scope.READ))],
+)
+
+#: Re-ranking looks at this many candidates per query (at least), then keeps the k best.
+RERANK_CANDIDATES = 50
+
+
+def _active_index(state: ServiceState, gallery_id: int) -> tuple[GalleryIndex, ModelRuntime | None]:
+    try:
+        gallery_state = state.indexes.gallery(gallery_id)
+    except KeyError as exc:
+        raise not_found("Gallery", gallery_id) from exc
+    # Read once: a model switch during this request changes the next request, not this one.
+    gi = gallery_state.indexes.get(gallery_state.active_model_id)
+    if gi is None:
+        raise Problem(503, "Index not loaded", "The gallery's index is not loaded.", slug="not-ready")
+    return gi, state.models.by_row(gi.model_id)
+
+
+def _check_k(state: ServiceState, k: int | None) -> int:
+    k = state.settings.default_k if k is None else k
+    if k < 1 or k > state.settings.max_k:
+        raise Problem(
+            422, "Invalid k", f"k must be between 1 and {state.settings.max_k}, got {k}.", slug="validation"
+        )
+    return k
+
+
+def build_filter(
+    cameras: list[str] | None,
+    time_from: dt.datetime | None,
+    time_to: dt.datetime | None,
+    exclude_identity: str | None,
+    exclude_ids: list[int] | None = None,
+) -> tuple[SearchFilter | None, set[int]]:
+    """The index filter (integer codes of cameras/identities), and ids to drop from the results."""
+    if time_from and time_to and time_from > time_to:
+        raise Problem(422, "Empty time window", "time_from is after time_to.", slug="validation")
+    flt = SearchFilter(
+        cameras=[attribute_code(c) for c in cameras] if cameras else None,
+        time_from=time_from.timestamp() if time_from else None,
+        time_to=time_to.timestamp() if time_to else None,
+        exclude_identity=attribute_code(exclude_identity) if exclude_identity else None,
+    )
+    return (None if flt.is_empty else flt), set(exclude_ids or ())
+
+
+def _split_cameras(values: list[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    out = [c.strip() for v in values for c in v.split(",") if c.strip()]
+    return out or None
+
+
+def run_search(
+    state: ServiceState,
+    gi: GalleryIndex,
+    queries: np.ndarray,
+    k: int,
+    flt: SearchFilter | None,
+    drop: set[int],
+    rerank: bool,
+) -> list[list[SearchHit]]:
+    """Search, optionally re-rank, then join the hits with their database rows (best first)."""
+    fetch = k + len(drop)
+    if rerank:
+        fetch = max(fetch, RERANK_CANDIDATES)
+    fetch = min(fetch, gi.index.capabilities.max_k)
+    scores, ids = gi.search(queries, fetch, flt)
+    with state.sessions() as session:
+        wanted = sorted({int(i) for i in ids.ravel() if i >= 0})
+        rows = (
+            {
+                it.id: it
+                for it in session.scalars(select(Item).where(Item.id.in_(wanted), Item.status == "active"))
+            }
+            if wanted
+            else {}
+        )
+        vectors: dict[int, np.ndarray] = {}
+        if rerank and rows:
+            for item_id, blob in session.execute(
+                select(Embedding.item_id, Embedding.vector).where(
+                    Embedding.item_id.in_(list(rows)), Embedding.model_id == gi.model_id
+                )
+            ):
+                vectors[item_id] = vectors_from_bytes([blob], gi.dim)[0]
+    out = []
+    for qi in range(len(queries)):
+        cand = [
+            (int(i), float(s))
+            for i, s in zip(ids[qi], scores[qi], strict=True)
+            if i >= 0 and int(i) in rows and int(i) not in drop
+        ]
+        if rerank and len(cand) > 1:
+            cand = _rerank(queries[qi], cand, vectors)
+        out.append(
+            [
+                SearchHit(
+                    item_id=i,
+                    score=s,
+                    identity=rows[i].identity,
+                    camera=rows[i].camera,
+                    captured_at=rows[i].captured_at,
+                    thumbnail_url=thumbnail_url(rows[i]),
+                )
+                for i, s in cand[:k]
+            ]
+        )
+    return out
+
+
+def _rerank(
+    query: np.ndarray, cand: list[tuple[int, float]], vectors: dict[int, np.ndarray]
+) -> list[tuple[int, float]]:
+    """k-reciprocal re-ranking of one query's candidates; score = 1 - re-ranked distance."""
+    from index.rerank import re_ranking
+
+    cand = [c for c in cand if c[0] in vectors]
+    g = np.stack([vectors[i] for i, _ in cand]).astype(np.float32)
+    q = query[None].astype(np.float32)
+    k1 = min(20, len(cand) - 1)
+    final = re_ranking(
+        1.0 - q @ g.T,
+        np.zeros((1, 1), np.float32),
+        1.0 - g @ g.T,
+        k1=max(k1, 1),
+        k2=max(1, min(6, k1)),
+        device="cpu",
+    )[0]
+    order = np.argsort(final, kind="stable")
+    return [(cand[j][0], float(1.0 - final[j])) for j in order]
+
+
+@router.post("/search", summary="Search the gallery with one or more query images")
+async def search(
+    gallery_id: int,
+    state: State,
+    image: Annotated[
+        list[UploadFile], File(description="Query images (JPEG/PNG/WebP), one result list each.")
+    ],
+    k: Annotated[int | None, Form(description="Results per query (capped by the service).")] = None,
+    cameras: Annotated[
+        list[str] | None, Form(description="Only these cameras (repeat or comma-separate).")
+    ] = None,
+    time_from: Annotated[str | None, Form(description="ISO 8601 or epoch seconds, inclusive.")] = None,
+    time_to: Annotated[str | None, Form(description="ISO 8601 or epoch seconds, inclusive.")] = None,
+    exclude_identity: Annotated[str | None, Form()] = None,
+    rerank: Annotated[bool, Form(description="k-reciprocal re-ranking of the candidates.")] = False,
+) -> SearchResponse:
+    k = _check_k(state, k)
+    gi, runtime = _active_index(state, gallery_id)
+    if runtime is None:
+        raise Problem(
+            503,
+            "Model not loaded",
+            "The gallery's model is not loaded by this service; search by stored item still works.",
+            slug="model-not-loaded",
+        )
+    flt, drop = build_filter(
+        _split_cameras(cameras),
+        parse_time(time_from, "time_from"),
+        parse_time(time_to, "time_to"),
+        exclude_identity,
+    )
+    uploads = await read_uploads(state, image)
+    decoded = await decode_uploads(state, uploads)
+    queries = await embed_decoded(state, runtime, decoded)
+    hits = await anyio.to_thread.run_sync(run_search, state, gi, queries, k, flt, drop, rerank)
+    return SearchResponse(
+        model=runtime.name, model_version=runtime.version, queries=[QueryResult(results=h) for h in hits]
+    )
+
+
+@router.post("/search-by-item", summary="Search the gallery with a stored item's embedding")
+async def search_by_item(gallery_id: int, body: SearchByItem, state: State) -> SearchResponse:
+    k = _check_k(state, body.k)
+    gi, _ = _active_index(state, gallery_id)
+
+    def lookup() -> tuple[np.ndarray, str, str]:
+        with state.sessions() as session:
+            item = session.get(Item, body.item_id)
+            if item is None or item.gallery_id != gallery_id or item.status != "active":
+                raise not_found("Item", body.item_id)
+            blob = session.scalar(
+                select(Embedding.vector).where(
+                    Embedding.item_id == item.id, Embedding.model_id == gi.model_id
+                )
+            )
+            gallery = session.get(Gallery, gallery_id)
+            if blob is None or gallery is None:
+                raise Problem(
+                    409,
+                    "No embedding",
+                    "The item has no embedding by the gallery's model yet.",
+                    slug="no-embedding",
+                )
+            model = gallery.model if gallery.model_id == gi.model_id else gallery.standby_model
+            assert model is not None
+            return vectors_from_bytes([blob], gi.dim), model.name, model.version
+
+    query, name, version = await anyio.to_thread.run_sync(lookup)
+    flt, drop = build_filter(
+        body.cameras,
+        body.time_from,
+        body.time_to,
+        body.exclude_identity,
+        [body.item_id] if body.exclude_self else None,
+    )
+    hits = await anyio.to_thread.run_sync(run_search, state, gi, query, k, flt, drop, body.rerank)
+    return SearchResponse(model=name, model_version=version, queries=[QueryResult(results=h) for h in hits])

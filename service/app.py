@@ -1,0 +1,196 @@
+"""The FastAPI application: ``create_app(settings)`` and the lifespan that brings the service up.
+
+Start-up, in order: open the database (and upgrade its schema when ``auto_migrate``), load every
+configured model and record its version, load or rebuild every gallery's index (snapshot + log
+replay), start the micro-batchers, the job workers (resuming interrupted jobs) and the periodic
+snapshots; only then does ``/health/ready`` answer 200. Shutdown stops the workers at a batch
+boundary, drains the batchers and writes a final snapshot of every changed index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import torch
+from fastapi import FastAPI
+from sqlalchemy import select
+
+from service.api import evaluations, galleries, health, items, jobs, models, search
+from service.api.problems import install_problem_handlers
+from service.db import migrate
+from service.db.models import ModelRow
+from service.db.session import create_db_engine, make_session_factory, transaction
+from service.embedder import MicroBatcher, ModelRegistry, ModelRuntime, default_device
+from service.gallery_index import IndexManager
+from service.image_decoding import ImageDecoder
+from service.image_store import ImageStore
+from service.item_writer import ItemWriter
+from service.jobs.evaluate import run_evaluate
+from service.jobs.ingest import run_ingest
+from service.jobs.reembed import run_reembed
+from service.jobs.runner import JobRunner
+from service.settings import Settings
+from service.state import ServiceState
+
+logger = logging.getLogger(__name__)
+
+API_DESCRIPTION = """Person and vehicle re-identification retrieval.
+
+Create a gallery bound to a served model, fill it by uploading images or with an ingestion job over
+a server-side dataset folder, then search it with query images. Evaluations score a model on a
+labelled dataset with the Market-1501 or VehicleID protocol. Errors are RFC 9457 problem+json.
+"""
+
+
+class SchemaOutdatedError(RuntimeError):
+    """The database schema is older than this code and automatic migration is off."""
+
+
+def _load_models(settings: Settings, sessions: Any) -> ModelRegistry:
+    from training.export import load_model
+
+    registry = ModelRegistry()
+    device = settings.device or default_device()
+    for spec in settings.models:
+        dtype = None if settings.half_precision else torch.float32
+        loaded = load_model(spec.path, device=device, dtype=dtype)
+        with transaction(sessions) as session:
+            row = session.scalar(
+                select(ModelRow).where(ModelRow.name == spec.name, ModelRow.version == loaded.version)
+            )
+            if row is None:
+                row = ModelRow(
+                    name=spec.name,
+                    version=loaded.version,
+                    kind=loaded.kind,
+                    dim=loaded.dim,
+                    path=str(spec.path),
+                    meta=loaded.meta,
+                )
+                session.add(row)
+                session.flush()
+            else:
+                row.path = str(spec.path)
+            row_id = row.id
+        batcher = MicroBatcher(
+            loaded,
+            max_batch_size=settings.max_batch_size,
+            max_wait_s=settings.max_wait_ms / 1000.0,
+            queue_size=settings.queue_size,
+        )
+        registry.add(ModelRuntime(spec.name, loaded.version, row_id, loaded, batcher, str(spec.path)))
+        logger.info(
+            "model %s@%s (%s, dim %d) on %s (%s)",
+            spec.name,
+            loaded.version,
+            loaded.kind,
+            loaded.dim,
+            loaded.device,
+            str(loaded.dtype).removeprefix("torch."),
+        )
+    return registry
+
+
+def build_state(settings: Settings) -> ServiceState:
+    """Everything blocking of the start-up (database, migrations, models, indexes)."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = create_db_engine(settings.resolved_database_url)
+    if settings.auto_migrate:
+        migrate.upgrade(engine)
+    else:
+        current, head = migrate.current_revision(engine), migrate.head_revision()
+        if current != head:
+            raise SchemaOutdatedError(
+                f"the database schema is at revision {current}, this code needs {head}: run `reid db upgrade`"
+            )
+    sessions = make_session_factory(engine)
+    models_registry = _load_models(settings, sessions)
+    backend_options: dict[str, Any] = {}
+    if settings.index_backend == "milvus":
+        backend_options["uri"] = settings.resolved_milvus_uri
+    indexes = IndexManager(
+        sessions,
+        settings.data_dir / "snapshots",
+        backend=settings.index_backend,
+        backend_options=backend_options,
+        snapshots_kept=settings.snapshots_kept,
+    )
+    indexes.open_all()
+    return ServiceState(
+        settings=settings,
+        engine=engine,
+        sessions=sessions,
+        models=models_registry,
+        indexes=indexes,
+        decoder=ImageDecoder(settings.decode_threads, max_pixels=settings.max_image_pixels),
+        images=ImageStore(settings.data_dir, thumbnail_size=settings.thumbnail_size),
+        writer=ItemWriter(sessions, indexes),
+    )
+
+
+async def _snapshot_loop(state: ServiceState) -> None:
+    while True:
+        await asyncio.sleep(state.settings.snapshot_interval_s)
+        try:
+            await anyio.to_thread.run_sync(state.indexes.snapshot_all)
+        except Exception:
+            logger.exception("periodic snapshot failed")
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    state = await anyio.to_thread.run_sync(build_state, settings)
+    for runtime in state.models:
+        runtime.batcher.start()
+    runner = JobRunner(
+        state,
+        {"ingest": run_ingest, "evaluate": run_evaluate, "reembed": run_reembed},
+        workers=settings.job_workers,
+    )
+    state.jobs = runner
+    runner.start()
+    snapshots = asyncio.create_task(_snapshot_loop(state), name="index-snapshots")
+    state.readiness = {"models": True, "indexes": True, "jobs": True}
+    state.ready = True
+    app.state.service = state
+    logger.info("service ready: %d model(s), %d galleries", len(state.models), len(state.indexes.states()))
+    try:
+        yield
+    finally:
+        state.ready = False
+        snapshots.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await snapshots
+        await anyio.to_thread.run_sync(runner.stop)
+        for runtime in state.models:
+            await runtime.batcher.stop()
+        await anyio.to_thread.run_sync(state.indexes.snapshot_all)
+        state.indexes.close()
+        state.decoder.close()
+        state.engine.dispose()
+        logger.info("service stopped")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the application for ``settings`` (default: from the environment and ``$REID_CONFIG``)."""
+    if settings is None:
+        from service.settings import load_settings
+
+        settings = load_settings()
+    app = FastAPI(
+        title="reid retrieval service",
+        version="1",
+        description=API_DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_problem_handlers(app)
+    for module in (health, models, galleries, items, jobs, search, evaluations):
+        app.include_router(module.router)
+    return app

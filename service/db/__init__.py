@@ -1,0 +1,1 @@
+"""Database: the typed ORM model and engine/session handling."""

@@ -1,0 +1,239 @@
+"""Loaded models and their micro-batchers: concurrent requests share forward passes.
+
+Each model gets one :class:`MicroBatcher`. Requests put one preprocessed image each into a bounded
+queue; a single task takes up to ``max_batch_size`` of them, waiting at most ``max_wait`` for the
+batch to fill, and runs one forward pass in the model's own thread. A full queue is refused at once
+(:class:`EmbedderBusyError`, a 503 with Retry-After) instead of letting latency grow without bound;
+a request whose client went away is dropped before the forward pass; an input that makes the batch
+fail is isolated by re-running the batch one image at a time, so only that request fails.
+
+Jobs embed through :meth:`MicroBatcher.forward` with large batches; the model lock interleaves
+them with the interactive batches at batch granularity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from training.export import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+
+class EmbedderBusyError(RuntimeError):
+    """The model's queue is full; the client should retry after a moment."""
+
+
+class EmbedderClosedError(RuntimeError):
+    """The service is shutting down."""
+
+
+@dataclass
+class _Request:
+    tensor: torch.Tensor
+    future: asyncio.Future[np.ndarray]
+
+
+class MicroBatcher:
+    """Gathers single-image embedding requests into batches for one model.
+
+    Args:
+        model: the loaded model.
+        max_batch_size: most images per forward pass.
+        max_wait_s: longest time the first request of a batch waits for company.
+        queue_size: most requests waiting; more are refused with :class:`EmbedderBusyError`.
+    """
+
+    def __init__(
+        self, model: LoadedModel, *, max_batch_size: int, max_wait_s: float, queue_size: int
+    ) -> None:
+        self.model = model
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.queue_size = queue_size
+        self._pending: collections.deque[_Request] = collections.deque()
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        # One thread per model: forward passes of one model never overlap, and the event loop
+        # never blocks on the device.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"reid-embed-{model.name}")
+        self._forward_lock = threading.Lock()
+        self.batches = 0
+        self.images = 0
+
+    def start(self) -> None:
+        self._wakeup = asyncio.Event()
+        self._task = asyncio.create_task(self._run(), name=f"micro-batcher-{self.model.name}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        while self._pending:
+            req = self._pending.popleft()
+            if not req.future.done():
+                req.future.set_exception(EmbedderClosedError("the service is shutting down"))
+        self._executor.shutdown(wait=True)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    async def embed(self, tensor: torch.Tensor) -> np.ndarray:
+        """Embed one preprocessed CHW image: a (dim,) float32 L2-normalised vector."""
+        if self._wakeup is None or self._task is None:
+            raise EmbedderClosedError("the embedder is not running")
+        if len(self._pending) >= self.queue_size:
+            raise EmbedderBusyError(
+                f"model {self.model.name} has {len(self._pending)} images waiting; retry shortly"
+            )
+        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Request(tensor, future))
+        self._wakeup.set()
+        return await future
+
+    def forward(self, batch: torch.Tensor) -> np.ndarray:
+        """Embed a preprocessed NCHW batch from any thread (jobs): (N, dim) float32."""
+        with self._forward_lock:
+            return self.model.embed(batch).numpy()
+
+    async def _run(self) -> None:
+        assert self._wakeup is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            deadline = loop.time() + self.max_wait_s
+            while len(self._pending) < self.max_batch_size:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except TimeoutError:
+                    break
+            batch: list[_Request] = []
+            while self._pending and len(batch) < self.max_batch_size:
+                req = self._pending.popleft()
+                if not req.future.cancelled():  # the client went away: no forward pass for it
+                    batch.append(req)
+            if batch:
+                await self._run_batch(loop, batch)
+
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Request]) -> None:
+        try:
+            stacked = torch.stack([r.tensor for r in batch])
+            out = await loop.run_in_executor(self._executor, self.forward, stacked)
+        except Exception:
+            if len(batch) == 1:
+                logger.exception("embedding failed for one request")
+                _set_exception(batch[0], "the model failed on this image")
+                return
+            # Isolate: one bad input (or one oversize tensor) must not fail its neighbours.
+            logger.warning("a batch of %d failed; retrying its images one by one", len(batch))
+            for req in batch:
+                try:
+                    one = await loop.run_in_executor(self._executor, self.forward, req.tensor[None])
+                except Exception:
+                    logger.exception("embedding failed for one request")
+                    _set_exception(req, "the model failed on this image")
+                else:
+                    _set_result(req, one[0])
+            return
+        self.batches += 1
+        self.images += len(batch)
+        for req, vec in zip(batch, out, strict=True):
+            _set_result(req, vec)
+
+
+def _set_result(req: _Request, value: np.ndarray) -> None:
+    if not req.future.done():
+        req.future.set_result(value)
+
+
+def _set_exception(req: _Request, message: str) -> None:
+    if not req.future.done():
+        req.future.set_exception(EmbeddingFailedError(message))
+
+
+class EmbeddingFailedError(RuntimeError):
+    """The model raised on an input."""
+
+
+@dataclass
+class ModelRuntime:
+    """A served model: the loaded module, its database row and its micro-batcher."""
+
+    name: str
+    version: str
+    row_id: int
+    model: LoadedModel
+    batcher: MicroBatcher
+    path: str
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return self.model.kind
+
+    @property
+    def dim(self) -> int:
+        return self.model.dim
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+def default_device() -> str:
+    """``cuda`` when a GPU is visible, else ``cpu``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class ModelUnavailableError(LookupError):
+    """A model (or model version) is not served by this process."""
+
+
+class ModelRegistry:
+    """The models this process serves, by name (newest configured version) and by name@version."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[str, ModelRuntime] = {}
+        self._default: dict[str, ModelRuntime] = {}
+        self._by_row: dict[int, ModelRuntime] = {}
+
+    def add(self, runtime: ModelRuntime) -> None:
+        self._by_key[runtime.key] = runtime
+        self._default[runtime.name] = runtime  # the last configured version of a name wins
+        self._by_row[runtime.row_id] = runtime
+
+    def __iter__(self) -> Iterator[ModelRuntime]:
+        return iter(self._by_key.values())
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def get(self, name: str, version: str | None = None) -> ModelRuntime:
+        runtime = self._default.get(name) if version is None else self._by_key.get(f"{name}@{version}")
+        if runtime is None:
+            served = ", ".join(sorted(self._by_key)) or "none"
+            what = f"{name}@{version}" if version else name
+            raise ModelUnavailableError(f"model {what} is not served here (served: {served})")
+        return runtime
+
+    def by_row(self, row_id: int) -> ModelRuntime | None:
+        return self._by_row.get(row_id)

@@ -1,0 +1,1 @@
+"""Background jobs persisted in the database: ingestion, re-embedding (model upgrade), evaluation."""

@@ -1,0 +1,179 @@
+"""Typed settings of the retrieval service: one class, read from the environment and a file.
+
+Precedence, highest first: values passed to :func:`load_settings` (the command line), environment
+variables prefixed ``REID_`` (``REID_DATABASE_URL``, ``REID_DATA_DIR``, ``REID_MODELS``, ...),
+the optional settings file (YAML, or a dotenv file when its name ends in ``.env``), then the
+defaults below. The settings file is named by ``--config`` or ``REID_CONFIG``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+CONFIG_ENV_VAR = "REID_CONFIG"
+
+
+class SettingsError(ValueError):
+    """The settings are inconsistent or a settings file cannot be read."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model the service loads: the name clients use and the exported-model directory."""
+
+    name: str
+    path: Path
+
+    @classmethod
+    def parse(cls, text: str) -> ModelSpec:
+        """Parse ``NAME=MODEL_DIR`` (the form of ``--model`` and of ``REID_MODELS`` entries)."""
+        name, sep, path = text.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise SettingsError(f"model {text!r} must be given as NAME=MODEL_DIR, e.g. person=models/person")
+        return cls(name.strip(), Path(path.strip()).expanduser())
+
+
+def _split_list(value: Any) -> Any:
+    """Accept a JSON list, or one string separated by commas or the OS path separator."""
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return []
+        if text.startswith("["):
+            return json.loads(text)
+        sep = "," if "," in text else os.pathsep
+        return [part.strip() for part in text.split(sep) if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Everything the service can be told; every field is also ``REID_<FIELD>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="REID_", extra="forbid", validate_default=True)
+
+    host: str = Field("127.0.0.1", description="Address `reid serve` binds.")
+    port: int = Field(8000, ge=0, le=65535)
+    models: Annotated[list[ModelSpec], NoDecode] = Field(
+        default_factory=list,
+        description="Models to serve: NAME=MODEL_DIR entries (the same NAME twice serves two versions; "
+        "the last one is the default for new galleries).",
+    )
+    data_dir: Path = Field(Path("reid-data"), description="Uploaded images, thumbnails, index snapshots.")
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL; default: SQLite file DATA_DIR/reid.sqlite3. "
+        "PostgreSQL: postgresql+psycopg://user@host/db.",
+    )
+    auto_migrate: bool = Field(True, description="Upgrade the database schema to head at start-up.")
+    dataset_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list, description="Server-side folders that ingestion and evaluation jobs may read."
+    )
+    index_backend: Literal["faiss", "milvus"] = "faiss"
+    index_spec: str = Field("flat", description="Index spec of new galleries (see index.create_index).")
+    milvus_uri: str | None = Field(None, description="Milvus URI; default: milvus-lite DATA_DIR/milvus.db.")
+    device: str | None = Field(None, description="Torch device for the models; default cuda when available.")
+    half_precision: bool = Field(True, description="Run models in fp16 on CUDA devices.")
+
+    max_k: int = Field(100, ge=1, description="Largest k a search may ask for.")
+    default_k: int = Field(10, ge=1)
+    max_images_per_request: int = Field(32, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1, description="Larger images are refused (bomb guard).")
+    max_batch_size: int = Field(64, ge=1, description="Micro-batcher: most images in one forward pass.")
+    max_wait_ms: float = Field(2.0, ge=0, description="Micro-batcher: longest wait for a batch to fill.")
+    queue_size: int = Field(1024, ge=1, description="Micro-batcher: pending images before answering 503.")
+    decode_threads: int = Field(
+        default_factory=lambda: max(2, min(32, os.cpu_count() or 2)),
+        ge=1,
+        description="Threads decoding and preprocessing images (requests and jobs); default: one per core.",
+    )
+
+    job_workers: int = Field(1, ge=1, description="Jobs run at the same time.")
+    ingest_batch_size: int = Field(256, ge=1, description="Images embedded per forward pass in jobs.")
+    ingest_prefetch_batches: int = Field(2, ge=0, description="Batches decoded ahead of the model.")
+    ingest_batch_pause_s: float = Field(
+        0.0, ge=0, description="Pause between job batches, to leave the device to interactive queries."
+    )
+    snapshot_interval_s: float = Field(60.0, gt=0, description="How often changed indexes are snapshotted.")
+    snapshots_kept: int = Field(2, ge=1)
+    thumbnail_size: int = Field(128, ge=16, le=1024)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _parse_models(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().startswith("{"):
+            value = json.loads(value)
+        if isinstance(value, dict):
+            return [ModelSpec(str(k), Path(str(v)).expanduser()) for k, v in value.items()]
+        value = _split_list(value)
+        if isinstance(value, list):
+            return [ModelSpec.parse(v) if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("dataset_roots", mode="before")
+    @classmethod
+    def _parse_roots(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The database URL, defaulting to a SQLite file in the data directory."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'reid.sqlite3').resolve()}"
+
+    @property
+    def resolved_milvus_uri(self) -> str:
+        return self.milvus_uri or str((self.data_dir / "milvus.db").resolve())
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = settings_cls.model_config.get("yaml_file")
+        if config_file:
+            sources.append(YamlConfigSettingsSource(settings_cls))
+        sources.append(dotenv_settings)
+        return tuple(sources)
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings from overrides, the environment and an optional YAML or dotenv file.
+
+    Args:
+        config_file: settings file; default ``$REID_CONFIG`` if set. ``*.env`` files are read as
+            dotenv (``REID_`` prefixed keys), anything else as YAML (field names as keys).
+        overrides: field values that win over everything else (``None`` values are ignored, so a
+            command line can pass every option unconditionally).
+    """
+    config_file = config_file or os.environ.get(CONFIG_ENV_VAR)
+    values = {k: v for k, v in overrides.items() if v is not None}
+    if not config_file:
+        return Settings(**values)
+    path = Path(config_file).expanduser()
+    if not path.is_file():
+        raise SettingsError(f"settings file {path} does not exist: fix --config or ${CONFIG_ENV_VAR}")
+    if path.name.endswith(".env"):
+        return Settings(_env_file=path, **values)  # type: ignore[call-arg]
+    file_settings = type(
+        "FileSettings", (Settings,), {"model_config": {**Settings.model_config, "yaml_file": path}}
+    )
+    return file_settings(**values)

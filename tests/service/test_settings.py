@@ -1,0 +1,114 @@
+"""Settings: environment, settings files (YAML, dotenv), command-line overrides, model specs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from service.settings import ModelSpec, Settings, SettingsError, load_settings
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in (
+        "REID_CONFIG",
+        "REID_MODELS",
+        "REID_PORT",
+        "REID_DATA_DIR",
+        "REID_DATASET_ROOTS",
+        "REID_DATABASE_URL",
+        "REID_INDEX_BACKEND",
+        "REID_MAX_K",
+    ):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_defaults() -> None:
+    s = load_settings()
+    assert s.host == "127.0.0.1" and s.port == 8000 and s.index_backend == "faiss"
+    assert s.models == [] and s.dataset_roots == []
+    assert s.resolved_database_url.startswith("sqlite:///") and s.resolved_database_url.endswith(
+        "reid.sqlite3"
+    )
+
+
+def test_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("REID_PORT", "9001")
+    monkeypatch.setenv("REID_MODELS", "person=/m/p,vehicle=/m/v")
+    monkeypatch.setenv("REID_DATASET_ROOTS", f"{tmp_path}/a:{tmp_path}/b")
+    monkeypatch.setenv("REID_INDEX_BACKEND", "milvus")
+    s = load_settings()
+    assert s.port == 9001 and s.index_backend == "milvus"
+    assert s.models == [ModelSpec("person", Path("/m/p")), ModelSpec("vehicle", Path("/m/v"))]
+    assert s.dataset_roots == [tmp_path / "a", tmp_path / "b"]
+    monkeypatch.setenv("REID_MODELS", '{"person": "/m/p2"}')
+    assert load_settings().models == [ModelSpec("person", Path("/m/p2"))]
+    monkeypatch.setenv("REID_DATASET_ROOTS", '["/x", "/y"]')
+    assert load_settings().dataset_roots == [Path("/x"), Path("/y")]
+
+
+def test_yaml_file_then_env_then_overrides(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    config = tmp_path / "reid.yaml"
+    config.write_text("port: 7000\nmax_k: 50\nmodels:\n  - person=/yaml/p\ndataset_roots: [/data]\n")
+    s = load_settings(config)
+    assert s.port == 7000 and s.max_k == 50 and s.models == [ModelSpec("person", Path("/yaml/p"))]
+    monkeypatch.setenv("REID_PORT", "7100")
+    assert load_settings(config).port == 7100  # the environment beats the file
+    assert load_settings(config, port=7200, host=None).port == 7200  # the command line beats both
+    monkeypatch.setenv("REID_CONFIG", str(config))
+    assert load_settings().max_k == 50
+
+
+def test_dotenv_file(tmp_path: Path) -> None:
+    env = tmp_path / "reid.env"
+    env.write_text("REID_PORT=7300\nREID_MODELS=person=/env/p\n")
+    s = load_settings(env)
+    assert s.port == 7300 and s.models == [ModelSpec("person", Path("/env/p"))]
+
+
+def test_bad_settings_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="does not exist"):
+        load_settings(tmp_path / "missing.yaml")
+    with pytest.raises(ValueError, match="NAME=MODEL_DIR"):
+        Settings(models=["just-a-path"])
+    with pytest.raises(ValueError):
+        Settings(index_backend="elasticsearch")
+    bad = tmp_path / "typo.yaml"
+    bad.write_text("prot: 1\n")
+    with pytest.raises(ValueError, match="prot"):
+        load_settings(bad)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    name=st.text(st.characters(categories=("L", "N"), include_characters="-_."), min_size=1, max_size=20),
+    path=st.text(st.characters(categories=("L", "N"), include_characters="/-_.="), min_size=1, max_size=40),
+)
+def test_model_spec_round_trip(name: str, path: str) -> None:
+    spec = ModelSpec.parse(f"{name}={path}")
+    assert spec.name == name.strip() and spec.path == Path(path.strip()).expanduser()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "person=/nonexistent/model"], "not an exported model directory"),
+        (["--database-url", "mysql://u@h/db"], "not supported"),
+        (["--index-backend", "annoy"], "index_backend"),
+    ],
+)
+def test_reid_serve_refuses_foreseeable_mistakes_without_a_traceback(args: list[str], message: str) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from service.cli import register
+
+    app = typer.Typer()
+    register(app)
+    result = CliRunner().invoke(app, ["serve", *args])
+    assert result.exit_code == 2
+    text = " ".join(result.output.replace("│", " ").split())  # the error box wraps lines
+    assert message in text and "Traceback" not in result.output
