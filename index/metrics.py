@@ -8,6 +8,8 @@ Three entry points, from the lowest level up:
 3. :func:`vehicleid_protocol` draws the VehicleID query/gallery splits and repeats the evaluation.
 
 All three return the same dictionary (see :func:`evaluate_distmat`); every fraction lies in [0, 1].
+:func:`rank_queries` ranks exactly as :func:`evaluate_features` does but returns each query's AP,
+first-match rank and top-k list (a :class:`QueryRanking`), for rank-list views of the worst queries.
 
 Definitions, as in torchreid's ``eval_market1501``, fast-reid and TransReID:
 
@@ -130,26 +132,33 @@ def _stable_order_float32(dist: np.ndarray) -> np.ndarray:
     return key
 
 
+def _stable_order_numpy(dist: np.ndarray) -> np.ndarray:
+    """Per-row gallery order of one chunk on the CPU, by (distance, gallery index); refuses NaN."""
+    if np.isnan(dist).any():
+        raise EvaluationError("the distance matrix contains NaN; check the features or the distance function")
+    if dist.dtype == np.float32 and dist.shape[1] < 2**32:
+        return _stable_order_float32(np.ascontiguousarray(dist))
+    # Wider floats rarely tie: numpy's fast quicksort, and a stable sort for rows holding ties.
+    order = np.argsort(dist, axis=1)
+    sorted_dist = np.take_along_axis(dist, order, axis=1)
+    tie_rows = np.flatnonzero((sorted_dist[:, 1:] == sorted_dist[:, :-1]).any(axis=1))
+    del sorted_dist
+    if tie_rows.size:
+        order[tie_rows] = np.argsort(dist[tie_rows], axis=1, kind="stable")
+    return order
+
+
 def _sorted_hits_numpy(
-    dist: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray
+    dist: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray, order: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rank one chunk on the CPU and return the sorted positions of each query's identity.
 
     Returns ``(rows, positions, gallery_indices)`` of every gallery item whose identity equals the
     query's, row-major (so positions ascend within a row), in (distance, gallery index) order.
+    ``order`` is :func:`_stable_order_numpy` of ``dist`` when the caller already has it.
     """
-    if np.isnan(dist).any():
-        raise EvaluationError("the distance matrix contains NaN; check the features or the distance function")
-    if dist.dtype == np.float32 and dist.shape[1] < 2**32:
-        order = _stable_order_float32(np.ascontiguousarray(dist))
-    else:
-        # Wider floats rarely tie: numpy's fast quicksort, and a stable sort for rows holding ties.
-        order = np.argsort(dist, axis=1)
-        sorted_dist = np.take_along_axis(dist, order, axis=1)
-        tie_rows = np.flatnonzero((sorted_dist[:, 1:] == sorted_dist[:, :-1]).any(axis=1))
-        del sorted_dist
-        if tie_rows.size:
-            order[tie_rows] = np.argsort(dist[tie_rows], axis=1, kind="stable")
+    if order is None:
+        order = _stable_order_numpy(dist)
     same_id = g_pids[None, :] == q_pids[:, None]
     same_id_sorted = np.take_along_axis(same_id, order, axis=1)
     rows, positions = np.nonzero(same_id_sorted)
@@ -169,6 +178,16 @@ def _sorted_hits_torch(
     return rows.cpu().numpy(), positions.cpu().numpy(), gallery_idx.cpu().numpy()
 
 
+@dataclass(frozen=True)
+class _ChunkMetrics:
+    """Per-query results of one chunk; ``ap``, ``inp`` and ``first_rank`` hold the valid rows only."""
+
+    valid: np.ndarray  # (rows,) bool: the query has a kept gallery item of its identity
+    ap: np.ndarray  # (valid,) float64
+    inp: np.ndarray  # (valid,) float64
+    first_rank: np.ndarray  # (valid,) int64, 0-based rank of the first hit among the kept items
+
+
 def _accumulate_chunk(
     totals: _RankingTotals,
     num_rows: int,
@@ -181,6 +200,28 @@ def _accumulate_chunk(
     ap_mode: str,
 ) -> None:
     """Turn the sorted same-identity positions of one chunk into AP, INP and first-hit ranks."""
+    chunk = _chunk_metrics(
+        num_rows, rows, positions, gallery_idx, q_camids, g_camids, same_camera_filter, ap_mode
+    )
+    totals.ap_sum += float(chunk.ap.sum())
+    totals.inp_sum += float(chunk.inp.sum())
+    totals.num_valid += int(chunk.valid.sum())
+    totals.num_skipped += int(num_rows - chunk.valid.sum())
+    first_rank = chunk.first_rank
+    totals.first_hit_hist += np.bincount(first_rank[first_rank < totals.max_rank], minlength=totals.max_rank)
+
+
+def _chunk_metrics(
+    num_rows: int,
+    rows: np.ndarray,
+    positions: np.ndarray,
+    gallery_idx: np.ndarray,
+    q_camids: np.ndarray,
+    g_camids: np.ndarray,
+    same_camera_filter: bool,
+    ap_mode: str,
+) -> _ChunkMetrics:
+    """AP, INP and first-hit rank of each query of a chunk, from its sorted same-identity positions."""
     if same_camera_filter:
         junk = g_camids[gallery_idx] == q_camids[rows]
     else:
@@ -213,12 +254,7 @@ def _accumulate_chunk(
     first_rank = rank0[first_hit_index[:-1][valid]].astype(np.int64)
     last_rank = rank0[first_hit_index[1:][valid] - 1]
     inp = num_hits[valid] / (last_rank + 1.0)
-
-    totals.ap_sum += float(ap.sum())
-    totals.inp_sum += float(inp.sum())
-    totals.num_valid += int(valid.sum())
-    totals.num_skipped += int(num_rows - valid.sum())
-    totals.first_hit_hist += np.bincount(first_rank[first_rank < totals.max_rank], minlength=totals.max_rank)
+    return _ChunkMetrics(valid=valid, ap=ap, inp=inp, first_rank=first_rank)
 
 
 def _result(totals: _RankingTotals, *, protocol: str, ap_mode: str, metric: str, rerank: bool) -> dict:
@@ -434,6 +470,22 @@ def _evaluate_reranked(
     max_memory_bytes: int | None,
 ) -> dict:
     """Re-rank with k-reciprocal encoding, then evaluate the re-ranked distances."""
+    final = _reranked_distances(q, g, metric=metric, device=device, max_memory_bytes=max_memory_bytes)
+    return evaluate_distmat(
+        final, q_pids, g_pids, q_camids, g_camids, max_rank=max_rank, ap_mode=ap_mode,
+        protocol=protocol, metric=metric, rerank=True,
+    )
+
+
+def _reranked_distances(
+    q: np.ndarray | torch.Tensor,
+    g: np.ndarray | torch.Tensor,
+    *,
+    metric: str,
+    device: torch.device,
+    max_memory_bytes: int | None,
+) -> np.ndarray:
+    """The k-reciprocal re-ranked (num_query x num_gallery) distances of ``metric``, as float32 numpy."""
     from index.rerank import check_rerank_memory
 
     itemsize = torch.finfo(compute_dtype(q, g)).bits // 8
@@ -449,9 +501,166 @@ def _evaluate_reranked(
     except RerankError as err:
         raise EvaluationError(str(err)) from None
     del q_g, q_q, g_g
-    return evaluate_distmat(
-        final, q_pids, g_pids, q_camids, g_camids, max_rank=max_rank, ap_mode=ap_mode,
-        protocol=protocol, metric=metric, rerank=True,
+    return final
+
+
+@dataclass(frozen=True)
+class QueryRanking:
+    """Each query's own outcome of a ranking: what the means of :func:`evaluate_features` average.
+
+    Attributes:
+        ap: (num_query,) float64 average precision; NaN for a query with no valid match (skipped).
+        inp: (num_query,) float64 inverse negative penalty; NaN for a skipped query.
+        first_match_rank: (num_query,) int64 1-based rank of the first match among the kept gallery
+            items (the whole ranking, not only ``top_indices``); 0 for a skipped query.
+        top_indices: (num_query, top_k) int64 gallery indices of the first kept items, best first,
+            with the protocol's removed items (same identity and camera under the Market-1501 rule)
+            left out; -1 where fewer than ``top_k`` items are kept.
+        top_distances: (num_query, top_k) float64 distances of those items (NaN where the index is -1).
+        protocol, ap_mode, metric, rerank: how the ranking was made.
+    """
+
+    ap: np.ndarray
+    inp: np.ndarray
+    first_match_rank: np.ndarray
+    top_indices: np.ndarray
+    top_distances: np.ndarray
+    protocol: str
+    ap_mode: str
+    metric: str
+    rerank: bool
+
+    @property
+    def valid(self) -> np.ndarray:
+        """(num_query,) bool: the queries that count in mAP and CMC."""
+        return self.first_match_rank > 0
+
+
+def _top_kept(
+    order: np.ndarray,
+    dist: np.ndarray,
+    q_pids: np.ndarray,
+    g_pids: np.ndarray,
+    q_camids: np.ndarray,
+    g_camids: np.ndarray,
+    same_camera_filter: bool,
+    top_k: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``top_k`` kept gallery indices of each row of a sorted chunk, and their distances."""
+    num_rows, num_g = order.shape
+    if same_camera_filter:
+        # Only same-identity items are removed, so the first top_k kept ones lie within top_k plus the
+        # largest number of removed items any query of the chunk has.
+        removed_all = (g_pids[None, :] == q_pids[:, None]) & (g_camids[None, :] == q_camids[:, None])
+        width = min(num_g, top_k + int(removed_all.sum(axis=1).max(initial=0)))
+        del removed_all
+        prefix = order[:, :width]
+        removed = (g_pids[prefix] == q_pids[:, None]) & (g_camids[prefix] == q_camids[:, None])
+        pick = np.argsort(removed, axis=1, kind="stable")[:, :top_k]  # kept items first, in rank order
+        idx = np.take_along_axis(prefix, pick, axis=1).astype(np.int64)
+        idx[np.take_along_axis(removed, pick, axis=1)] = -1
+    else:
+        idx = order[:, :top_k].astype(np.int64)
+    if idx.shape[1] < top_k:  # a gallery smaller than top_k
+        idx = np.concatenate([idx, np.full((num_rows, top_k - idx.shape[1]), -1, np.int64)], axis=1)
+    distances = np.take_along_axis(dist, np.maximum(idx, 0), axis=1).astype(np.float64)
+    distances[idx < 0] = np.nan
+    return idx, distances
+
+
+def rank_queries(
+    q_feats: Any,
+    g_feats: Any,
+    q_pids: Any,
+    g_pids: Any,
+    q_camids: Any,
+    g_camids: Any,
+    *,
+    top_k: int = 10,
+    metric: str = "cosine",
+    rerank: bool = False,
+    ap_mode: str = "standard",
+    protocol: str = "market1501",
+    device: str | torch.device | None = None,
+    chunk_size: int | None = None,
+    rerank_max_memory_bytes: int | None = None,
+) -> QueryRanking:
+    """Per-query AP, first-match rank and top-k ranked list, ranked exactly as :func:`evaluate_features`.
+
+    The same distances, the same stable (distance, gallery index) order, the same protocol rule and
+    the same AP code as :func:`evaluate_features` with these arguments, so the mean of ``ap`` over the
+    valid queries is its ``mAP`` (up to the order of the floating-point sum). Use it to find the
+    queries a model gets wrong and to show their rank lists.
+
+    Args:
+        q_feats, g_feats, q_pids, g_pids, q_camids, g_camids, metric, rerank, ap_mode, protocol,
+            device, chunk_size, rerank_max_memory_bytes: as in :func:`evaluate_features`.
+        top_k: length of each query's ranked list in ``top_indices``.
+
+    Returns:
+        A :class:`QueryRanking`.
+    """
+    try:
+        check_metric(metric)
+    except DistanceError as err:
+        raise EvaluationError(str(err)) from None
+    same_cam = _check_common(protocol, ap_mode, 1, None)
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        raise EvaluationError(f"top_k must be a positive integer, got {top_k!r}")
+    q, g = _check_features(q_feats, g_feats)
+    num_q, num_g = q.shape[0], g.shape[0]
+    q_pids_np = _as_label_array("q_pids", q_pids, num_q)
+    g_pids_np = _as_label_array("g_pids", g_pids, num_g)
+    q_cam_np = _as_label_array("q_camids", q_camids, num_q)
+    g_cam_np = _as_label_array("g_camids", g_camids, num_g)
+    try:
+        dev = resolve_device(device)
+    except DistanceError as err:
+        raise EvaluationError(str(err)) from None
+
+    step = chunk_size or rows_per_chunk(num_g, _RANK_BYTES_PER_CELL)
+    if rerank:
+        final = _reranked_distances(q, g, metric=metric, device=dev, max_memory_bytes=rerank_max_memory_bytes)
+
+        def distances(start: int, stop: int) -> np.ndarray:
+            return final[start:stop]
+    else:
+        dtype = compute_dtype(q, g)
+        prepared = PreparedGallery(as_tensor(g, dev, dtype), metric, dev, dtype)
+        q_t = q if isinstance(q, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(q))
+
+        def distances(start: int, stop: int) -> np.ndarray:
+            # The device computes the distances evaluate_features ranks; a stable sort of the same
+            # values gives the same order on the host as torch.sort(stable=True) on the device.
+            with torch.inference_mode():
+                return prepared.distances(q_t[start:stop]).cpu().numpy()
+
+    ap = np.full(num_q, np.nan)
+    inp = np.full(num_q, np.nan)
+    first_match_rank = np.zeros(num_q, dtype=np.int64)
+    top_indices = np.empty((num_q, top_k), dtype=np.int64)
+    top_distances = np.empty((num_q, top_k), dtype=np.float64)
+    for start in tqdm(range(0, num_q, step), desc="ranking queries", unit="chunk", disable=None, leave=False):
+        stop = min(start + step, num_q)
+        dist = distances(start, stop)
+        order = _stable_order_numpy(dist)
+        hits = _sorted_hits_numpy(dist, q_pids_np[start:stop], g_pids_np, order=order)
+        chunk = _chunk_metrics(stop - start, *hits, q_cam_np[start:stop], g_cam_np, same_cam, ap_mode)
+        rows = start + np.flatnonzero(chunk.valid)
+        ap[rows], inp[rows], first_match_rank[rows] = chunk.ap, chunk.inp, chunk.first_rank + 1
+        top_indices[start:stop], top_distances[start:stop] = _top_kept(
+            order, dist, q_pids_np[start:stop], g_pids_np, q_cam_np[start:stop], g_cam_np, same_cam, top_k
+        )
+    return QueryRanking(
+        ap=ap,
+        inp=inp,
+        first_match_rank=first_match_rank,
+        top_indices=top_indices,
+        top_distances=top_distances,
+        protocol=protocol,
+        ap_mode=ap_mode,
+        metric=metric,
+        rerank=rerank,
     )
 
 

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from service.api import idempotency
 from service.api.deps import DbSession, Scope, State, authorize
 from service.api.problems import PROBLEM_RESPONSES, Problem, not_found, problem_responses
-from service.api.schemas import ItemOut, Page, decode_cursor, encode_cursor
+from service.api.schemas import ItemOut, Page, SortOrder, decode_cursor, encode_cursor
 from service.api.uploads import decode_uploads, embed_decoded, parse_time, per_image, read_uploads
 from service.db.models import Gallery, Item
 from service.image_store import ImageMissingError
@@ -195,6 +195,7 @@ def list_items(
     include_deleted: bool = False,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: str | None = None,
+    order: Annotated[SortOrder, Query(description="By id: asc, oldest first; desc, newest first.")] = "asc",
 ) -> Page[ItemOut]:
     if session.get(Gallery, gallery_id) is None:
         raise not_found("Gallery", gallery_id)
@@ -204,7 +205,11 @@ def list_items(
         raise Problem(
             400, "Invalid cursor", "Pass back the next_cursor of a previous page.", slug="invalid-cursor"
         ) from exc
-    stmt = select(Item).where(Item.gallery_id == gallery_id, Item.id > after)
+    stmt = select(Item).where(Item.gallery_id == gallery_id)
+    if order == "desc":
+        stmt = stmt.where(Item.id < after) if after else stmt
+    else:
+        stmt = stmt.where(Item.id > after)
     if not include_deleted:
         stmt = stmt.where(Item.status == "active")
     if identity is not None:
@@ -216,7 +221,8 @@ def list_items(
         stmt = stmt.where(Item.captured_at >= start)
     if end is not None:
         stmt = stmt.where(Item.captured_at <= end)
-    rows = session.scalars(stmt.order_by(Item.id).limit(limit + 1)).all()
+    by_id = Item.id.desc() if order == "desc" else Item.id
+    rows = session.scalars(stmt.order_by(by_id).limit(limit + 1)).all()
     return Page[ItemOut](
         items=[item_out(i) for i in rows[:limit]],
         next_cursor=encode_cursor(rows[limit - 1].id) if len(rows) > limit else None,

@@ -13,10 +13,19 @@ from sqlalchemy.exc import IntegrityError
 from service.api import idempotency
 from service.api.deps import DbSession, Scope, State, authorize
 from service.api.problems import PROBLEM_RESPONSES, Problem, not_found, problem_responses
-from service.api.schemas import IngestCreate, JobErrorOut, JobOut, Page, decode_cursor, encode_cursor
+from service.api.schemas import (
+    IngestCreate,
+    JobErrorOut,
+    JobOut,
+    Page,
+    SortOrder,
+    decode_cursor,
+    encode_cursor,
+)
 from service.db.models import Gallery, Job, JobError, utcnow
 from service.db.session import transaction
 from service.jobs.sources import DatasetPathForbiddenError, DatasetPathInvalidError, resolve_dataset_root
+from service.limits import check_job_images, count_dataset_images
 from service.state import ServiceState
 
 router = APIRouter(prefix="/v1", tags=["jobs"], responses=PROBLEM_RESPONSES)
@@ -67,6 +76,15 @@ def check_dataset_root(state: ServiceState, root: str) -> None:
         raise Problem(403, "Dataset path not allowed", str(exc), slug="dataset-path-forbidden") from exc
     except DatasetPathInvalidError as exc:
         raise Problem(422, "Dataset path not found", str(exc), slug="dataset-path-invalid") from exc
+    except (ValueError, OSError, RuntimeError) as exc:
+        # What resolving a client's path can raise: a NUL byte, a name too long, a symbolic-link
+        # loop, '~user' of an unknown user. The client's mistake, not the server's.
+        raise Problem(
+            422,
+            "Invalid dataset path",
+            f"dataset path {root[:200]!r} cannot be resolved on the server: {exc}",
+            slug="dataset-path-invalid",
+        ) from exc
 
 
 def check_layout(layout: str) -> None:
@@ -144,6 +162,16 @@ async def create_ingest_job(
     key = idempotency.check_key(idempotency_key)
     check_layout(body.source.layout)
     await anyio.to_thread.run_sync(check_dataset_root, state, body.source.root)
+    source = body.source
+    count = await anyio.to_thread.run_sync(
+        count_dataset_images,
+        source.layout,
+        source.root,
+        source.options,
+        (source.split,),
+        state.settings.dataset_roots,
+    )
+    check_job_images(count, state.settings.max_job_images, "ingestion source", "REID_MAX_JOB_IMAGES")
     params = {"source": body.source.model_dump()}
 
     def build(session: Any) -> tuple[dict[str, Any], str]:
@@ -174,16 +202,20 @@ def list_jobs(
     status: str | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: str | None = None,
+    order: Annotated[SortOrder, Query(description="By id: asc, oldest first; desc, newest first.")] = "asc",
 ) -> Page[JobOut]:
     after = _cursor(cursor)
-    stmt = select(Job).where(Job.id > after)
+    if order == "desc":
+        stmt = select(Job).where(Job.id < after) if after else select(Job)
+    else:
+        stmt = select(Job).where(Job.id > after)
     if gallery_id is not None:
         stmt = stmt.where(Job.gallery_id == gallery_id)
     if kind is not None:
         stmt = stmt.where(Job.kind == kind)
     if status is not None:
         stmt = stmt.where(Job.status == status)
-    rows = session.scalars(stmt.order_by(Job.id).limit(limit + 1)).all()
+    rows = session.scalars(stmt.order_by(Job.id.desc() if order == "desc" else Job.id).limit(limit + 1)).all()
     return Page[JobOut](
         items=[job_out(j) for j in rows[:limit]],
         next_cursor=encode_cursor(rows[limit - 1].id) if len(rows) > limit else None,

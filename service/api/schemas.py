@@ -11,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field
 T = TypeVar("T")
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+#: Order of a listing by id: ``asc`` oldest first, ``desc`` newest first.
+SortOrder = Literal["asc", "desc"]
 
 
 class Page(BaseModel, Generic[T]):
@@ -275,6 +277,72 @@ class EvaluationOut(BaseModel):
     duration_s: float | None
     error: str | None
     created_at: dt.datetime
+
+
+class RankedGalleryImage(BaseModel):
+    gallery_index: int = Field(description="Row of the gallery in the evaluation's gallery.npz.")
+    identity: str
+    camera: str
+    score: float = Field(description="1 - the ranking distance: the cosine similarity unless re-ranked.")
+    match: bool = Field(description="Whether it shows the query's identity.")
+    image_url: str
+
+
+class WorstQuery(BaseModel):
+    query_index: int = Field(description="Row of the query in the evaluation's query.npz.")
+    identity: str
+    camera: str
+    ap: float = Field(ge=0, le=1, description="The query's average precision, as counted in the mAP.")
+    first_match_rank: int = Field(
+        ge=1, description="1-based rank of its first match in the whole ranking (removed items left out)."
+    )
+    image_url: str
+    results: list[RankedGalleryImage] = Field(description="The top k, best first, removed items left out.")
+
+
+class WorstQueries(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "evaluation_id": 3,
+                    "k": 10,
+                    "protocol": "market1501",
+                    "ap_mode": "standard",
+                    "rerank": False,
+                    "num_valid_queries": 3368,
+                    "queries": [
+                        {
+                            "query_index": 12,
+                            "identity": "7",
+                            "camera": "2",
+                            "ap": 0.076,
+                            "first_match_rank": 23,
+                            "image_url": "/v1/evaluations/3/images/query/12",
+                            "results": [
+                                {
+                                    "gallery_index": 40,
+                                    "identity": "3",
+                                    "camera": "1",
+                                    "score": 0.83,
+                                    "match": False,
+                                    "image_url": "/v1/evaluations/3/images/gallery/40",
+                                }
+                            ],
+                        }
+                    ],
+                }
+            ]
+        }
+    )
+
+    evaluation_id: int
+    k: int
+    protocol: str
+    ap_mode: str
+    rerank: bool
+    num_valid_queries: int = Field(description="Queries with a match; the others are left out, as in mAP.")
+    queries: list[WorstQuery] = Field(description="Lowest AP first (ties: lower query index first).")
 
 
 # ------------------------------------------------------------------------------------------- search

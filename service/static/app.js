@@ -545,9 +545,8 @@
   }
 
   async function loadRecentItems(galleryId) {
-    // `order=desc` asks for the newest items first; the newest-first sort below keeps the grid right.
     const page = await api(`v1/galleries/${galleryId}/items?limit=${RECENT_ITEMS}&order=desc`);
-    const items = [...page.items].sort((a, b) => b.id - a.id);
+    const items = page.items; // newest first
     const grid = $("#recent-items");
     if (!items.length) {
       grid.replaceChildren(el("li", { class: "muted" }, "No item yet."));
@@ -568,13 +567,14 @@
     }
     let lastSignature = null;
     poll(async () => {
+      // One page, newest first: polled every second, it must not grow with the gallery's history.
       const [gallery, jobs] = await Promise.all([
         api(`v1/galleries/${galleryId}`),
-        listAll(`v1/jobs?gallery_id=${galleryId}`, { limit: 500 }),
+        api(`v1/jobs?gallery_id=${galleryId}&order=desc&limit=${JOBS_SHOWN}`),
       ]);
       if (mine !== generation) return 0;
       if (changed($("#gallery-stats"), gallery)) renderGalleryStats(gallery);
-      const newest = jobs.sort((a, b) => b.id - a.id).slice(0, JOBS_SHOWN);
+      const newest = jobs.items;
       const body = $("#jobs-table tbody");
       if (changed(body, newest)) {
         // Progress re-renders the rows every second: keep the keyboard focus on its job's button.
@@ -715,7 +715,8 @@
       data = await api(`v1/evaluations/${ev.id}/worst-queries?limit=${WORST_QUERIES}&k=${RANK_LIST_LENGTH}`);
     } catch (err) {
       box.dataset.state = "unavailable";
-      if (err instanceof ApiError && (err.status === 404 || err.status === 409)) {
+      // 409: not finished, or a protocol without a fixed query set; 410: its files were deleted.
+      if (err instanceof ApiError && [404, 409, 410].includes(err.status)) {
         box.replaceChildren(el("p", { class: "muted note" },
           err.status === 404 && /No resource/.test(err.detail || "")
             ? "This service does not provide rank lists yet."

@@ -7,8 +7,9 @@ outlines against the API's own answer, see a refused upload's problem+json title
 gallery page pick up a new ingestion job, open the evaluations with their CMC curves and rank lists, and
 keep an API key that the page then sends as a bearer token. No test may leave a JavaScript error.
 
-Screenshots of the three pages go to each test's temporary folder, and also to ``$REID_SCREENSHOT_DIR``
-when set (``REID_SCREENSHOT_DIR=docs/screenshots`` refreshes the README's).
+Screenshots of the three pages and of an evaluation's rank lists go to each test's temporary folder,
+and also to ``$REID_SCREENSHOT_DIR`` when set (``REID_SCREENSHOT_DIR=docs/screenshots`` refreshes the
+README's).
 Without Chromium, its driver or Selenium the tests are skipped, unless ``REID_REQUIRE_BROWSER=1`` (CI)
 turns the skip into a failure.
 """
@@ -600,21 +601,31 @@ def test_evaluation_pages_show_the_table_the_cmc_curves_and_rank_lists(
         return d.find_element(By.ID, "worst-queries").get_attribute("data-state") in ("done", "unavailable")
 
     _wait(driver, rank_lists_settled, "the rank lists")
-    paths = httpx.get(f"{served.base}/openapi.json", timeout=10.0).json()["paths"]
-    if "/v1/evaluations/{evaluation_id}/worst-queries" in paths:
-        ranklists = driver.find_elements(By.CSS_SELECTOR, "#worst-queries .ranklist")
-        assert ranklists, "the service has rank lists but the page shows none"
-        for ranklist in ranklists:
-            ranked = ranklist.find_elements(By.CSS_SELECTOR, ".ranked > li")
-            assert 0 < len(ranked) <= 10
-            assert all(li.get_attribute("data-match") in ("true", "false") for li in ranked)
-        # Crops load lazily: bring the first rank list into view, then its crops must load.
-        driver.execute_script("document.querySelector('#worst-queries .ranklist').scrollIntoView();")
-        first = "#worst-queries .ranklist:first-child img"
-        _wait(driver, lambda d: _images_loaded(d, first), "the rank-list crops")
-    else:
-        assert "does not provide rank lists" in driver.find_element(By.ID, "worst-queries").text
-    _screenshot(driver, tmp_path, "evaluation-detail", publish=False, top=False)
+    # The page shows the API's worst queries (the page asks for 8 queries of 10 results), in its order,
+    # each result outlined as the API says.
+    worst = httpx.get(
+        f"{served.base}/v1/evaluations/{ev['id']}/worst-queries", params={"limit": 8, "k": 10}, timeout=10.0
+    ).json()["queries"]
+    ranklists = driver.find_elements(By.CSS_SELECTOR, "#worst-queries .ranklist")
+    assert ranklists, "the service has rank lists but the page shows none"
+    assert len(ranklists) == len(worst)
+    for ranklist, query in zip(ranklists, worst, strict=True):
+        assert f"AP {_pct(query['ap'])}" in ranklist.text
+        assert f"first match at rank {query['first_match_rank']}" in ranklist.text
+        ranked = ranklist.find_elements(By.CSS_SELECTOR, ".ranked > li")
+        assert 0 < len(ranked) <= 10
+        assert [li.get_attribute("data-match") for li in ranked] == [
+            "true" if hit["match"] else "false" for hit in query["results"]
+        ]
+    # Crops load lazily: bring the first rank list into view, then its crops must load.
+    driver.execute_script("document.querySelector('#worst-queries .ranklist').scrollIntoView();")
+    first = "#worst-queries .ranklist:first-child img"
+    _wait(driver, lambda d: _images_loaded(d, first), "the rank-list crops")
+    # The screenshot starts at the section's heading, with the crops of the rank lists in view loaded.
+    driver.execute_script("document.getElementById('worst-title').scrollIntoView();")
+    shown = "#worst-queries .ranklist:nth-child(-n+3) img"
+    _wait(driver, lambda d: _images_loaded(d, shown), "the crops of the rank lists in view")
+    _screenshot(driver, tmp_path, "evaluation-detail", top=False)
     _assert_no_script_errors(driver)
 
 
