@@ -59,7 +59,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 @contextmanager
-def _friendly_errors() -> Iterator[None]:
+def friendly_errors() -> Iterator[None]:
     try:
         yield
     except _user_errors() as err:
@@ -119,7 +119,7 @@ def train_command(
     ] = None,
 ) -> None:
     """Train one stage: baseline, denoiserep (alternating phases) or label-free DenoiseRep."""
-    with _friendly_errors():
+    with friendly_errors():
         from training.config import STAGES, ConfigError, apply_overrides, config_from_dict, read_config_data
         from training.engine import train
 
@@ -180,7 +180,7 @@ def export_command(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out.")] = False,
 ) -> None:
     """Fuse the DenoiseRep denoisers and write a deployable model directory (weights + model.json)."""
-    with _friendly_errors():
+    with friendly_errors():
         from training.checkpoint import LAST_NAME, CheckpointError
         from training.export import export_from_checkpoint
 
@@ -218,7 +218,7 @@ def evaluate_command(
     ] = False,
 ) -> None:
     """Embed a dataset's test split with an exported model and evaluate (JSON as evaluate-features)."""
-    with _friendly_errors():
+    with friendly_errors():
         from index.metrics import format_table
         from training.data.registry import build_dataset, dataset_options
         from training.data.transforms import build_test_transform

@@ -244,6 +244,5 @@ def create_reid_model(
         # Imported lazily: the pretrained loader is an optional extra with its own dependencies.
         from training.pretrained import load_pretrained
 
-        report = load_pretrained(model.backbone, pretrained, arch=backbone)
-        log.info("pretrained weights from %s: %s", pretrained, report)
+        load_pretrained(model.backbone, pretrained, arch=backbone)  # logs its own summary
     return model
