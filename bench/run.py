@@ -26,7 +26,7 @@ from bench.machine import write_result
 log = logging.getLogger("bench.run")
 
 # Order: cheapest first, so a run cut short still has the foundations.
-BENCHMARKS = ("fusion", "evaluation", "index", "training", "service", "embedding")
+BENCHMARKS = ("fusion", "evaluation", "index", "training", "service", "embedding", "load")
 
 
 def run_all(names: list[str], *, quick: bool, device: str | None) -> dict[str, Any]:

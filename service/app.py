@@ -13,15 +13,20 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import anyio
 import torch
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, Response
+from fastapi.staticfiles import StaticFiles
 from sqlalchemy import select
 
-from service.api import evaluations, galleries, health, items, jobs, models, search
-from service.api.problems import install_problem_handlers
+from service.api import evaluation_views, evaluations, galleries, health, items, jobs, models, search
+from service.api.problems import describe_problem_bodies, install_problem_handlers
+from service.auth import ApiAccessMiddleware
 from service.db import migrate
 from service.db.models import ModelRow
 from service.db.session import create_db_engine, make_session_factory, transaction
@@ -34,6 +39,9 @@ from service.jobs.evaluate import run_evaluate
 from service.jobs.ingest import run_ingest
 from service.jobs.reembed import run_reembed
 from service.jobs.runner import JobRunner
+from service.limits import BodySizeLimitMiddleware, document_request_limits, require_declared_media_type
+from service.observability import install_observability
+from service.rate_limit import RateLimiter
 from service.settings import Settings
 from service.state import ServiceState
 
@@ -47,6 +55,35 @@ labelled dataset with the Market-1501 or VehicleID protocol. Errors are RFC 9457
 """
 
 
+#: The web page (index.html, app.js, style.css), served at ``/`` and ``/static``.
+STATIC_DIR = Path(__file__).parent / "static"
+#: Headers of the web page's files. The page has no inline script or style and no third-party code,
+#: so it needs nothing but its own origin; ``blob:`` images are the query preview and the thumbnails
+#: fetched with an API key, ``data:`` the empty favicon.
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+        "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+class PageFiles(StaticFiles):
+    """The web page's static files, sent with :data:`PAGE_HEADERS`."""
+
+    def file_response(self, *args: Any, **kwargs: Any) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers.update(PAGE_HEADERS)
+        return response
+
+
+def index_page() -> FileResponse:
+    """``GET /``: the web page."""
+    return FileResponse(STATIC_DIR / "index.html", media_type="text/html", headers=PAGE_HEADERS)
+
+
 class SchemaOutdatedError(RuntimeError):
     """The database schema is older than this code and automatic migration is off."""
 
@@ -57,8 +94,14 @@ def _load_models(settings: Settings, sessions: Any) -> ModelRegistry:
     registry = ModelRegistry()
     device = settings.device or default_device()
     for spec in settings.models:
-        dtype = None if settings.half_precision else torch.float32
-        loaded = load_model(spec.path, device=device, dtype=dtype)
+        on_cuda = torch.device(device).type == "cuda"  # half precision and graphs are GPU features
+        loaded = load_model(
+            spec.path,
+            device=device,
+            half_precision=settings.half_precision and on_cuda,
+            cuda_graphs=settings.cuda_graphs and on_cuda,
+            compile=settings.compile,
+        )
         with transaction(sessions) as session:
             row = session.scalar(
                 select(ModelRow).where(ModelRow.name == spec.name, ModelRow.version == loaded.version)
@@ -177,20 +220,74 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         logger.info("service stopped")
 
 
+def _install_guards(app: FastAPI, settings: Settings) -> None:
+    """API keys and rate limits (innermost), the body-size limit, then CORS (outermost of the three).
+
+    CORS answers browsers' preflight requests, which carry no key, before the key check; the body
+    limit refuses an oversized upload before anything else looks at the request.
+    """
+    limiter = (
+        RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
+        if settings.rate_limit_per_s > 0
+        else None
+    )
+    app.add_middleware(
+        ApiAccessMiddleware,
+        enabled=settings.auth_enabled,
+        limiter=limiter,
+        cache_ttl_s=settings.auth_cache_s,
+    )
+    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    generate_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = generate_openapi()  # cached by FastAPI; the two edits below are idempotent
+        document_request_limits(schema)
+        describe_problem_bodies(schema)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to extend it
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type", "Idempotency-Key"],
+            expose_headers=["Location", "Retry-After", "X-Request-ID"],
+            max_age=600,
+        )
+    logger.info(
+        "API keys %s; rate limit %s; request bodies up to %d bytes; CORS %s",
+        "required" if settings.auth_enabled else "not required",
+        f"{settings.rate_limit_per_s:g}/s, burst {settings.rate_limit_burst}" if limiter else "off",
+        settings.max_body_bytes,
+        ", ".join(settings.cors_origins) if settings.cors_origins else "off",
+    )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the application for ``settings`` (default: from the environment and ``$REID_CONFIG``)."""
     if settings is None:
         from service.settings import load_settings
 
         settings = load_settings()
+    docs = settings.docs_enabled
     app = FastAPI(
         title="reid retrieval service",
         version="1",
         description=API_DESCRIPTION,
         lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+        dependencies=[Depends(require_declared_media_type)],
     )
     app.state.settings = settings
     install_problem_handlers(app)
-    for module in (health, models, galleries, items, jobs, search, evaluations):
+    for module in (health, models, galleries, items, jobs, search, evaluations, evaluation_views):
         app.include_router(module.router)
+    app.add_api_route("/", index_page, methods=["GET"], include_in_schema=False)
+    app.mount("/static", PageFiles(directory=STATIC_DIR), name="static")
+    _install_guards(app, settings)
+    install_observability(app, settings)  # last: its middleware must be the outermost
     return app

@@ -33,7 +33,13 @@ def serve(
     index_backend: str | None = typer.Option(None, help="faiss or milvus [default: faiss]."),
     device: str | None = typer.Option(None, help="Torch device for the models [default: cuda if available]."),
     config: Path | None = typer.Option(None, help="Settings file (YAML, or .env) [default: $REID_CONFIG]."),
-    log_level: str = typer.Option("info", help="uvicorn log level."),
+    auth: str | None = typer.Option(
+        None, help="API keys: on, off or auto (on unless --host is loopback) [default: auto]."
+    ),
+    log_level: str = typer.Option("info", help="Log level of the service and uvicorn."),
+    log_format: str | None = typer.Option(
+        None, help="json (one object per line) or text [default: json]; also REID_LOG_FORMAT."
+    ),
 ) -> None:
     """Run the retrieval service (one process: models and indexes live in it).
 
@@ -43,10 +49,6 @@ def serve(
     not see each other's writes. Every option can also be set as REID_<OPTION> in the environment
     (REID_MODELS, REID_DATASET_ROOTS, REID_DATABASE_URL ...) or in the settings file.
     """
-    import uvicorn
-
-    from service.app import create_app
-
     settings = _settings(
         config,
         host=host,
@@ -57,9 +59,29 @@ def serve(
         dataset_roots=dataset_root or None,
         index_backend=index_backend,
         device=device,
+        log_format=log_format,
+        auth=auth,
     )
     _preflight(settings)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, workers=1, log_level=log_level)
+    from service.log_format import configure_logging
+
+    # Before the imports below: some of them (alembic) already log.
+    configure_logging(settings.log_format, log_level)
+    import uvicorn
+
+    from service.app import create_app
+
+    # log_config=None: uvicorn's lines go through the handler above; access_log=False: the service
+    # writes its own access lines, with the request id and the route template.
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        workers=1,
+        log_level=log_level,
+        log_config=None,
+        access_log=False,
+    )
 
 
 def _preflight(settings: Any) -> None:
@@ -70,6 +92,20 @@ def _preflight(settings: Any) -> None:
     if not settings.models:
         typer.echo(
             "warning: no model configured (--model NAME=MODEL_DIR); searches will be refused", err=True
+        )
+    from service.auth import is_loopback_host
+
+    if settings.auth_enabled:
+        typer.echo(
+            f"API keys required under /v1 (auth={settings.auth}, host {settings.host}); "
+            "create one with `reid keys create --scope admin --name NAME`",
+            err=True,
+        )
+    elif not is_loopback_host(settings.host):
+        typer.echo(
+            f"warning: serving {settings.host} without API keys (auth=off): anyone who can reach it "
+            "can add and delete data",
+            err=True,
         )
     for spec in settings.models:
         if not (spec.path / "model.json").is_file():
@@ -152,6 +188,108 @@ def db_current(database_url: str | None = DatabaseOption, config: Path | None = 
         engine.dispose()
 
 
+keys_app = typer.Typer(
+    help="API keys (scopes: read < write < admin). Keys are needed when the service binds a "
+    "non-loopback address, or with REID_AUTH=on.",
+    no_args_is_help=True,
+)
+
+
+def _key_store(database_url: str | None, config: Path | None) -> tuple[Any, Any]:
+    """The key store on the same database as `reid serve`, its schema brought to head first."""
+    from service.auth import ApiKeyStore
+    from service.db import migrate
+    from service.db.session import make_session_factory
+
+    settings = _settings(config, database_url=database_url)
+    engine = _engine(database_url, config)
+    if settings.auto_migrate:
+        migrate.upgrade(engine)
+    elif migrate.current_revision(engine) != migrate.head_revision():
+        engine.dispose()
+        raise typer.BadParameter(
+            "the database schema is not up to date (REID_AUTO_MIGRATE is off): run `reid db upgrade`",
+            param_hint="--database-url",
+        )
+    return ApiKeyStore(make_session_factory(engine)), engine
+
+
+@keys_app.command("create")
+def keys_create(
+    scope: str = typer.Option(
+        ..., "--scope", help="read (search, view), write (+ add items, run jobs) or admin (everything)."
+    ),
+    name: str = typer.Option(..., "--name", help="Who or what uses the key (shown by `reid keys list`)."),
+    database_url: str | None = DatabaseOption,
+    config: Path | None = ConfigOption,
+) -> None:
+    """Create a key and print it once: only its hash is stored, it cannot be shown again."""
+    from service.auth import ApiKeyError
+
+    store, engine = _key_store(database_url, config)
+    try:
+        new = store.create(name, scope)
+    except ApiKeyError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    finally:
+        engine.dispose()
+    typer.echo(new.token)
+    typer.echo(
+        f"key {new.key_id} ({new.name}, scope {new.scope.value}) created: store it now, it is not shown "
+        "again. Send it as 'Authorization: Bearer KEY' or 'X-API-Key: KEY'.",
+        err=True,
+    )
+
+
+@keys_app.command("list")
+def keys_list(
+    all_keys: bool = typer.Option(True, "--all/--active", help="Include revoked keys."),
+    database_url: str | None = DatabaseOption,
+    config: Path | None = ConfigOption,
+) -> None:
+    """List keys: id, name, scope, created, last used, revoked (never the keys themselves)."""
+    store, engine = _key_store(database_url, config)
+    try:
+        keys = store.list(include_revoked=all_keys)
+    finally:
+        engine.dispose()
+    if not keys:
+        typer.echo("no API keys: create one with `reid keys create --scope admin --name NAME`")
+        return
+
+    def when(value: Any) -> str:
+        return value.strftime("%Y-%m-%d %H:%M:%S") if value is not None else "-"
+
+    rows = [("ID", "NAME", "SCOPE", "CREATED (UTC)", "LAST USED", "REVOKED")]
+    rows += [
+        (k.key_id, k.name, k.scope.value, when(k.created_at), when(k.last_used_at), when(k.revoked_at))
+        for k in keys
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: str = typer.Argument(..., help="The key's id (first column of `reid keys list`)."),
+    database_url: str | None = DatabaseOption,
+    config: Path | None = ConfigOption,
+) -> None:
+    """Revoke a key; a running service stops accepting it within REID_AUTH_CACHE_S seconds."""
+    from service.auth import ApiKeyError
+
+    store, engine = _key_store(database_url, config)
+    try:
+        info = store.revoke(key_id)
+    except ApiKeyError as exc:
+        raise typer.BadParameter(str(exc), param_hint="KEY_ID") from exc
+    finally:
+        engine.dispose()
+    typer.echo(f"key {info.key_id} ({info.name}) revoked")
+
+
 def register(app: typer.Typer) -> None:
     app.command("serve")(serve)
     app.add_typer(db_app, name="db")
+    app.add_typer(keys_app, name="keys")

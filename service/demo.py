@@ -95,7 +95,9 @@ def _training_config(plan: TaskPlan, root: Path, *, quick: bool, device: str, pr
             "backbone_epochs": 1,
             "epochs": plan.denoiserep_epochs,
             "lr": 0.005,
-            "denoiser_lr": 0.05,
+            # SGD on the noise-prediction loss diverges above ~1e-2 on MobileNetV2 features (their
+            # scale is large); 1e-3 is stable.
+            "denoiser_lr": 1.0e-3,
             "warmup_epochs": 0,
         },
         "eval": {"every": 0},

@@ -18,7 +18,7 @@ import collections
 import contextlib
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -42,6 +42,7 @@ class EmbedderClosedError(RuntimeError):
 class _Request:
     tensor: torch.Tensor
     future: asyncio.Future[np.ndarray]
+    enqueued_at: float = 0.0  # event-loop time
 
 
 class MicroBatcher:
@@ -70,6 +71,9 @@ class MicroBatcher:
         self._forward_lock = threading.Lock()
         self.batches = 0
         self.images = 0
+        #: Called after each batch with (seconds each of its requests waited in the queue, seconds
+        #: the batch took); the service's metrics set it (service.metrics).
+        self.on_batch: Callable[[list[float], float], None] | None = None
 
     def start(self) -> None:
         self._wakeup = asyncio.Event()
@@ -100,7 +104,7 @@ class MicroBatcher:
                 f"model {self.model.name} has {len(self._pending)} images waiting; retry shortly"
             )
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Request(tensor, future))
+        self._pending.append(_Request(tensor, future, future.get_loop().time()))
         self._wakeup.set()
         return await future
 
@@ -132,7 +136,13 @@ class MicroBatcher:
                 if not req.future.cancelled():  # the client went away: no forward pass for it
                     batch.append(req)
             if batch:
+                started = loop.time()
                 await self._run_batch(loop, batch)
+                if self.on_batch is not None:
+                    try:
+                        self.on_batch([started - r.enqueued_at for r in batch], loop.time() - started)
+                    except Exception:  # an observer must never stop the batcher
+                        logger.exception("the micro-batch observer failed")
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Request]) -> None:
         try:

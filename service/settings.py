@@ -85,12 +85,54 @@ class Settings(BaseSettings):
     index_spec: str = Field("flat", description="Index spec of new galleries (see index.create_index).")
     milvus_uri: str | None = Field(None, description="Milvus URI; default: milvus-lite DATA_DIR/milvus.db.")
     device: str | None = Field(None, description="Torch device for the models; default cuda when available.")
-    half_precision: bool = Field(True, description="Run models in fp16 on CUDA devices.")
+    half_precision: bool = Field(
+        True,
+        description="On CUDA, run models in float16 or bfloat16, whichever reproduces the float32 "
+        "embeddings (cosine >= 0.999 on a probe batch, checked at load); float32 otherwise.",
+    )
+    cuda_graphs: bool = Field(
+        True, description="On CUDA, replay captured CUDA graphs for query-sized batches (1 to 32)."
+    )
+    compile: bool = Field(
+        False, description="torch.compile the models at start-up (minutes) for large-batch throughput."
+    )
+    jpeg_decoder: Literal["gpu", "cpu", "pil"] = Field(
+        "gpu",
+        description="How ingestion decodes JPEGs when the models run on CUDA: gpu (batched nvJPEG), "
+        "cpu (libjpeg-turbo in the decode threads, resized on the GPU) or pil (all on the CPU).",
+    )
+
+    auth: Literal["on", "off", "auto"] = Field(
+        "auto",
+        description="API keys required under /v1: on, off, or auto (on unless `host` is a loopback "
+        "address, so `--host 0.0.0.0` turns it on). true/false are read as on/off.",
+    )
+    auth_cache_s: float = Field(
+        5.0, ge=0, description="Seconds a verified key is trusted without a database lookup (revocation lag)."
+    )
+    rate_limit_per_s: float = Field(
+        50.0,
+        ge=0,
+        description="Requests per second each API key (or client address, auth off) sustains; 0: off.",
+    )
+    rate_limit_burst: int = Field(100, ge=1, description="Requests a key or address may send at once.")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Origins allowed to call the API from a browser (CORS); empty: CORS off.",
+    )
+    docs_enabled: bool = Field(True, description="Serve the API documentation at /docs and /openapi.json.")
 
     max_k: int = Field(100, ge=1, description="Largest k a search may ask for.")
     default_k: int = Field(10, ge=1)
     max_images_per_request: int = Field(32, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1, description="Larger images are refused (bomb guard).")
+    max_body_bytes: int = Field(
+        32 * 1024 * 1024, ge=1024, description="Largest request body (uploads included); larger: 413."
+    )
+    max_job_images: int = Field(500_000, ge=1, description="Most images one ingestion job may read.")
+    max_evaluation_images: int = Field(
+        200_000, ge=1, description="Most images (query + gallery) one evaluation may embed."
+    )
     max_batch_size: int = Field(64, ge=1, description="Micro-batcher: most images in one forward pass.")
     max_wait_ms: float = Field(2.0, ge=0, description="Micro-batcher: longest wait for a batch to fill.")
     queue_size: int = Field(1024, ge=1, description="Micro-batcher: pending images before answering 503.")
@@ -110,6 +152,14 @@ class Settings(BaseSettings):
     snapshots_kept: int = Field(2, ge=1)
     thumbnail_size: int = Field(128, ge=16, le=1024)
 
+    metrics_enabled: bool = Field(
+        True, description="Serve Prometheus metrics at /metrics (unauthenticated, like the health probes)."
+    )
+    log_format: Literal["json", "text"] = Field(
+        "json", description="`reid serve` log lines: one JSON object per line, or text for people."
+    )
+    access_log: bool = Field(True, description="One log line per HTTP request (method, route, status, ms).")
+
     @field_validator("models", mode="before")
     @classmethod
     def _parse_models(cls, value: Any) -> Any:
@@ -126,6 +176,30 @@ class Settings(BaseSettings):
     @classmethod
     def _parse_roots(cls, value: Any) -> Any:
         return _split_list(value)
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _parse_origins(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip().startswith("["):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return _split_list(value)
+
+    @field_validator("auth", mode="before")
+    @classmethod
+    def _parse_auth(cls, value: Any) -> Any:
+        # A real boolean (YAML true/false, REID_AUTH=true) means on/off.
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+            return "on" if value.strip().lower() in ("true", "1") else "off"
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Whether API keys are required: ``auth``, with ``auto`` resolved from ``host``."""
+        from service.auth import auth_enabled
+
+        return auth_enabled(self.auth, self.host)
 
     @property
     def resolved_database_url(self) -> str:

@@ -18,6 +18,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.request_context import REQUEST_ID_HEADER, current_request_id
+
 logger = logging.getLogger(__name__)
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
@@ -32,6 +34,11 @@ class ProblemDetail(BaseModel):
     status: int = Field(..., examples=[404])
     detail: str | None = Field(None, examples=["There is no gallery with id 42."])
     instance: str | None = Field(None, examples=["/v1/galleries/42"])
+    request_id: str | None = Field(
+        None,
+        description="The request's id (also its X-Request-ID header): quote it to find it in the log.",
+        examples=["3f2c1a9e8b7d4c6f9a0b1c2d3e4f5a6b"],
+    )
 
     model_config = {"extra": "allow"}
 
@@ -89,6 +96,11 @@ def problem_response(
         "instance": request.url.path,
     }
     body.update(extensions)
+    request_id = current_request_id()
+    if request_id is not None:
+        body["request_id"] = request_id
+        # Set here too, not only by the middleware: a 500 is sent by the error handler outside it.
+        headers = {**(headers or {}), REQUEST_ID_HEADER: request_id}
     return JSONResponse(
         jsonable_encoder(body), status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers
     )
@@ -116,7 +128,12 @@ async def _handle_http(request: Request, exc: Exception) -> JSONResponse:
     elif exc.status_code == 405:
         detail = f"{request.method} is not allowed on {request.url.path}."
     return problem_response(
-        request, exc.status_code, _phrase(exc.status_code), detail, headers=getattr(exc, "headers", None)
+        request,
+        exc.status_code,
+        _phrase(exc.status_code),
+        detail,
+        slug=getattr(exc, "slug", None),  # set by the service's own HTTP exceptions (body too large)
+        headers=getattr(exc, "headers", None),
     )
 
 
@@ -168,4 +185,25 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     }
 
 
-PROBLEM_RESPONSES = problem_responses(400, 404, 409, 422, 503)
+def describe_problem_bodies(schema: dict[str, Any]) -> None:
+    """Put the :class:`ProblemDetail` schema of error answers under ``application/problem+json``.
+
+    FastAPI files the model of an extra response under the route's own media type (JSON); error
+    bodies are sent as problem+json, so that is where clients and schema checkers must find it.
+    """
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            if not isinstance(operation, dict):
+                continue
+            for status, response in operation.get("responses", {}).items():
+                content = response.get("content") if isinstance(response, dict) else None
+                is_error = status.isdigit() and int(status) >= 400
+                if not is_error or not content or PROBLEM_MEDIA_TYPE not in content:
+                    continue
+                moved = content.pop("application/json", {}).get("schema")
+                if moved and not content[PROBLEM_MEDIA_TYPE].get("schema"):
+                    content[PROBLEM_MEDIA_TYPE] = {"schema": moved}
+
+
+#: What any /v1 operation may answer: 401/403/429 come from the API-key guard and the rate limit.
+PROBLEM_RESPONSES = problem_responses(400, 401, 403, 404, 409, 422, 429, 503)

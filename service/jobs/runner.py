@@ -120,6 +120,8 @@ class JobRunner:
         self.workers = workers
         self.stopping = threading.Event()
         self.cancelled: set[int] = set()
+        #: The jobs running now, by id: their live counters (read by the metrics at scrape time).
+        self.active: dict[int, JobContext] = {}
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -214,6 +216,7 @@ class JobRunner:
     def _run(self, job: Job) -> None:
         handler = self.handlers.get(job.kind)
         ctx = JobContext(self, job)
+        self.active[job.id] = ctx
         status, error, result = "failed", None, None
         logger.info("job %d (%s) started (attempt %d)", job.id, job.kind, job.attempts)
         try:
@@ -246,4 +249,5 @@ class JobRunner:
         except Exception:
             logger.exception("could not record the end of job %d", job.id)
         self.cancelled.discard(job.id)
+        self.active.pop(job.id, None)
         logger.info("job %d (%s) %s%s", job.id, job.kind, status, f": {error}" if error else "")
