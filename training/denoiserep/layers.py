@@ -1,0 +1,315 @@
+"""Denoising layers: a Linear or Conv2d that carries a denoiser (D, d) and folds it into its weights.
+
+Both classes subclass the layer they replace and *reuse its Parameter objects* for ``weight`` and
+``bias``, so an optimiser built before conversion still updates them. The denoiser parameters are
+``denoiser_weight`` (D) and ``denoiser_bias`` (d). The fusion itself is two pure functions,
+:func:`fuse_linear_parameters` and :func:`fuse_conv_parameters`, used both by the training forward
+(differentiably, in the parameters' dtype) and by ``fuse`` (in float64, without autograd).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import DenoiseRepError
+from .schedule import StepCoefficients
+
+
+def fuse_linear_parameters(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    denoiser_weight: torch.Tensor,
+    denoiser_bias: torch.Tensor | None,
+    c1: float,
+    c3: float,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fold an input-side denoiser into a Linear layer.
+
+    ``W (c3 x - c1 (D x + d)) + b = (c3 W - c1 W D) x + (b - c1 W d)``.
+
+    Returns:
+        (W', b'); b' is None exactly when the layer has no bias (then d is fixed at 0).
+    """
+    fused_weight = c3 * weight - c1 * (weight @ denoiser_weight)
+    if bias is None:
+        return fused_weight, None
+    assert denoiser_bias is not None  # a biased layer always owns d (see DenoisingLinear)
+    return fused_weight, bias - c1 * (weight @ denoiser_bias)
+
+
+def fuse_conv_parameters(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    denoiser_weight: torch.Tensor,
+    denoiser_bias: torch.Tensor | None,
+    c1: float,
+    c3: float,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fold an output-side, group-block-diagonal 1x1 denoiser into a Conv2d.
+
+    With ``y = conv(x; W, b)`` and ``denoise(y) = c3 y - c1 (D y + d)``, output channel ``o`` of group
+    ``g`` becomes ``W'[o] = c3 W[o] - c1 sum_j D[g, o, j] W[j]`` over the channels ``j`` of the same
+    group, and ``b' = c3 b - c1 (D b + d)``. Mixing only channels of one group keeps the result a
+    grouped conv with the original hyper-parameters, so this is exact for every kernel size, stride,
+    padding (mode), dilation and group count.
+
+    Args:
+        weight: (out, in / groups, kh, kw).
+        denoiser_weight: (groups, out / groups, out / groups).
+
+    Returns:
+        (W', b'); b' is None exactly when the conv has no bias (then d is fixed at 0).
+    """
+    groups, group_out, _ = denoiser_weight.shape
+    per_group = weight.reshape(groups, group_out, -1)
+    fused_weight = (c3 * per_group - c1 * torch.bmm(denoiser_weight, per_group)).reshape(weight.shape)
+    if bias is None:
+        return fused_weight, None
+    assert denoiser_bias is not None  # a biased conv always owns d (see DenoisingConv2d)
+    mixed_bias = torch.bmm(denoiser_weight, bias.reshape(groups, group_out, 1)).reshape(bias.shape)
+    return fused_weight, c3 * bias - c1 * (mixed_bias + denoiser_bias)
+
+
+def _noise_prediction_loss(predicted: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """L1 + L2 (both mean-reduced) between the true and the predicted noise."""
+    return F.l1_loss(predicted, noise) + F.mse_loss(predicted, noise)
+
+
+class DenoisingLayer:
+    """Behaviour shared by the denoising layers (a mixin; the layer classes are nn.Modules).
+
+    Attributes:
+        step: the layer's fixed timestep and its coefficients.
+        settings: the conversion settings (shared by all layers of one ``convert`` call).
+    """
+
+    step: StepCoefficients
+    settings: dict
+    source_class: type[nn.Module]
+    denoiser_weight: nn.Parameter
+    denoiser_bias: nn.Parameter | None
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    training: bool
+    _loss_sum: torch.Tensor | None
+
+    def _init_denoiser(self, denoiser_shape: tuple[int, ...], bias_shape: tuple[int, ...] | None) -> None:
+        # D = 0, d = 0: a freshly converted layer computes c3 * (its old output) for convs and
+        # W (c3 x) + b for Linear, i.e. the baseline up to a scale c3 = 1/sqrt(1 - beta_t) that is at
+        # most 1.001 for the reference schedule. Zero init does not stall training: the gradient of
+        # the noise-prediction loss with respect to D at D = 0 is -(sign(eps) + 2 eps) x_t^T / n != 0.
+        dd = {"device": self.weight.device, "dtype": self.weight.dtype}
+        self.denoiser_weight = nn.Parameter(torch.zeros(denoiser_shape, **dd))
+        if bias_shape is None:
+            # No bias in the layer -> no d: a fused bias could not be stored in the plain layer, and a
+            # strict load into the vanilla timm model must find exactly the original parameters.
+            self.register_parameter("denoiser_bias", None)  # type: ignore[attr-defined]
+        else:
+            self.denoiser_bias = nn.Parameter(torch.zeros(bias_shape, **dd))
+        self._loss_sum = None
+
+    def denoiser_parameters(self) -> list[nn.Parameter]:
+        """D and, where the layer has a bias, d."""
+        return [p for p in (self.denoiser_weight, self.denoiser_bias) if p is not None]
+
+    def fused_parameters(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The fused (W', b'); differentiable when ``dtype`` is None, else computed in ``dtype``, detached."""
+        raise NotImplementedError
+
+    def _records_loss(self) -> bool:
+        # Only when the denoiser is being trained: in the backbone phase the loss would be a constant
+        # that costs an extra matmul (Linear) or an extra conv (Conv2d) per layer for nothing.
+        return torch.is_grad_enabled() and self.denoiser_weight.requires_grad
+
+    def _record(self, loss: torch.Tensor) -> None:
+        self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+
+    def pop_loss(self) -> torch.Tensor | None:
+        """The summed noise-prediction loss of the train forwards since the last call, then reset."""
+        loss, self._loss_sum = self._loss_sum, None
+        return loss
+
+    def step_matrix(self) -> torch.Tensor:
+        """``c3 I - c1 D`` (per group for convs): the linear part of the reverse step as one matrix.
+
+        The eval forward applies the step as ``(c3 I - c1 D) y - c1 d``: one GEMM (or grouped 1x1 conv)
+        with a bias epilogue and no elementwise passes over the features, so the benchmark's
+        unfused/fused ratio measures the denoiser's inherent cost. (Measured on an H200 in fp16:
+        ``addmm(x, x, D^T, beta=c3, alpha=-c1)`` plus a bias add was 15-20% slower for ViTs; building
+        the n x n matrix per forward is negligible there, though visible on a CPU at small batch.)
+        """
+        size = self.denoiser_weight.shape[-1]
+        eye = torch.eye(size, device=self.denoiser_weight.device, dtype=self.denoiser_weight.dtype)
+        return self.step.c3 * eye - self.step.c1 * self.denoiser_weight
+
+    def step_bias(self) -> torch.Tensor | None:
+        """``-c1 d``, or None for a layer without d."""
+        return None if self.denoiser_bias is None else -self.step.c1 * self.denoiser_bias
+
+    def _noised(self, clean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_t, eps) with x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps; eps from torch's global RNG."""
+        noise = torch.randn_like(clean)
+        return self.step.sqrt_abar * clean + self.step.sqrt_one_minus_abar * noise, noise
+
+    def plain_layer(self) -> nn.Module:
+        """A new layer of the original class holding the fused weights (float64 maths, original dtype)."""
+        raise NotImplementedError
+
+    def __getstate__(self) -> dict:
+        # The loss accumulator is part of an autograd graph: it cannot be deep-copied or pickled, and a
+        # copy of the model (fuse, checkpoint) must not carry a pending loss anyway.
+        state = self.__dict__.copy()
+        state["_loss_sum"] = None
+        return state
+
+    def _describe_step(self) -> str:
+        return f"t={self.step.t}, c1={self.step.c1:.4g}, c3={self.step.c3:.6g}"
+
+
+class DenoisingLinear(DenoisingLayer, nn.Linear):
+    """A Linear layer with an input-side denoiser ``eps(x) = D x + d``; D is (in, in).
+
+    Eval forward (the explicit, unfused maths): ``W (c3 x - c1 (D x + d)) + b``. Train forward: the
+    Linear with fused parameters computed differentiably, recording the noise-prediction loss on
+    the detached input. Works on any input whose last dimension is the feature (2-D, 3-D tokens...).
+    """
+
+    def __init__(self, source: nn.Linear, step: StepCoefficients, settings: dict) -> None:
+        # Built on the meta device so no throw-away weight is allocated; the real ones are the source's.
+        super().__init__(source.in_features, source.out_features, bias=source.bias is not None, device="meta")
+        self.weight = source.weight
+        self.bias = source.bias
+        self.step = step
+        self.settings = settings
+        self.source_class = type(source)
+        n = self.in_features
+        self._init_denoiser((n, n), None if source.bias is None else (n,))
+        self.train(source.training)
+
+    def fused_parameters(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The fused (W', b'); differentiable when ``dtype`` is None, else computed in ``dtype``, detached."""
+        tensors = (self.weight, self.bias, self.denoiser_weight, self.denoiser_bias)
+        if dtype is not None:
+            tensors = tuple(None if t is None else t.detach().to(dtype) for t in tensors)
+        return fuse_linear_parameters(*tensors, c1=self.step.c1, c3=self.step.c3)
+
+    def denoise(self, x: torch.Tensor) -> torch.Tensor:
+        """One posterior-mean reverse step on the layer input: ``c3 x - c1 (D x + d)``."""
+        return F.linear(x, self.step_matrix(), self.step_bias())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return F.linear(self.denoise(x), self.weight, self.bias)
+        if self._records_loss():
+            noised, noise = self._noised(x.detach())
+            predicted = F.linear(noised, self.denoiser_weight, self.denoiser_bias)
+            self._record(_noise_prediction_loss(predicted, noise))
+        weight, bias = self.fused_parameters()
+        return F.linear(x, weight, bias)
+
+    def plain_layer(self) -> nn.Module:
+        weight, bias = self.fused_parameters(torch.float64)
+        plain = self.source_class(self.in_features, self.out_features, bias=bias is not None, device="meta")
+        return _fill(plain, self, weight, bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._describe_step()}"
+
+
+class DenoisingConv2d(DenoisingLayer, nn.Conv2d):
+    """A Conv2d with an output-side 1x1 denoiser, block-diagonal by group; D is (groups, out/g, out/g).
+
+    Eval forward (the explicit, unfused maths): ``y = conv(x); c3 y - c1 (D y + d)``. Train forward: the
+    conv with fused parameters computed differentiably, recording the noise-prediction loss on the
+    detached conv output. The denoiser sits on the output because denoising the *input* of a padded
+    k x k conv is not a k x k conv at the border, while a 1x1 map after a conv always composes into it.
+    """
+
+    def __init__(self, source: nn.Conv2d, step: StepCoefficients, settings: dict) -> None:
+        super().__init__(
+            source.in_channels,
+            source.out_channels,
+            source.kernel_size,
+            stride=source.stride,
+            padding=source.padding,
+            dilation=source.dilation,
+            groups=source.groups,
+            bias=source.bias is not None,
+            padding_mode=source.padding_mode,
+            device="meta",
+        )
+        self.weight = source.weight
+        self.bias = source.bias
+        self.step = step
+        self.settings = settings
+        self.source_class = type(source)
+        group_out = self.out_channels // self.groups
+        self._init_denoiser(
+            (self.groups, group_out, group_out), None if source.bias is None else (self.out_channels,)
+        )
+        self.train(source.training)
+
+    def fused_parameters(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The fused (W', b'); differentiable when ``dtype`` is None, else computed in ``dtype``, detached."""
+        tensors = (self.weight, self.bias, self.denoiser_weight, self.denoiser_bias)
+        if dtype is not None:
+            tensors = tuple(None if t is None else t.detach().to(dtype) for t in tensors)
+        return fuse_conv_parameters(*tensors, c1=self.step.c1, c3=self.step.c3)
+
+    def predict_noise(self, y: torch.Tensor) -> torch.Tensor:
+        """``D y + d`` on a conv output, as a grouped 1x1 conv."""
+        kernel = self.denoiser_weight.reshape(self.out_channels, -1, 1, 1)
+        return F.conv2d(y, kernel, self.denoiser_bias, groups=self.groups)
+
+    def denoise(self, y: torch.Tensor) -> torch.Tensor:
+        """One posterior-mean reverse step on the conv output: ``c3 y - c1 (D y + d)``."""
+        kernel = self.step_matrix().reshape(self.out_channels, -1, 1, 1)
+        return F.conv2d(y, kernel, self.step_bias(), groups=self.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return self.denoise(self._conv_forward(x, self.weight, self.bias))
+        if self._records_loss():
+            # The training signal lives on the clean conv output, which the fused forward never forms:
+            # compute it once more without autograd (it is detached by definition).
+            with torch.no_grad():
+                clean = self._conv_forward(x, self.weight, self.bias)
+            noised, noise = self._noised(clean)
+            self._record(_noise_prediction_loss(self.predict_noise(noised), noise))
+        weight, bias = self.fused_parameters()
+        return self._conv_forward(x, weight, bias)
+
+    def plain_layer(self) -> nn.Module:
+        weight, bias = self.fused_parameters(torch.float64)
+        plain = self.source_class(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            bias=bias is not None,
+            padding_mode=self.padding_mode,
+            device="meta",
+        )
+        return _fill(plain, self, weight, bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._describe_step()}"
+
+
+def _fill(
+    plain: nn.Module, layer: DenoisingLayer, weight: torch.Tensor, bias: torch.Tensor | None
+) -> nn.Module:
+    """Give a meta-device plain layer the fused weights, cast back to the layer's dtype and device."""
+    dd = {"device": layer.weight.device, "dtype": layer.weight.dtype}
+    plain.weight = nn.Parameter(weight.to(**dd), requires_grad=layer.weight.requires_grad)
+    if bias is not None:
+        assert layer.bias is not None
+        plain.bias = nn.Parameter(bias.to(**dd), requires_grad=layer.bias.requires_grad)
+    if any(t.is_meta for t in plain.parameters()):
+        raise DenoiseRepError(f"{type(plain).__name__} kept a parameter that fuse did not fill")
+    return plain.train(layer.training)
