@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -58,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="JSON file (default bench/results/run-<cpu|gpu>.json)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # A time limit (bench/device.sh uses `timeout`) sends SIGTERM: unwind through the benchmarks'
+    # `finally` blocks, so servers they started are stopped instead of orphaned.
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
 
     names = [n for n in (args.only.split(",") if args.only else BENCHMARKS) if n]
     unknown = sorted(set(names) - set(BENCHMARKS))

@@ -11,7 +11,7 @@ from typing import Any
 from index.base import IndexInputError, SnapshotError, VectorIndex
 from index.snapshot import read_manifest
 
-BACKENDS = ("faiss", "milvus")
+BACKENDS = ("faiss", "milvus", "torch")
 
 
 def create_index(
@@ -20,12 +20,15 @@ def create_index(
     """Build an empty index.
 
     Args:
-        backend: ``faiss`` (in-process, the default) or ``milvus`` (milvus-lite file or a server).
+        backend: ``faiss`` (in-process, the default), ``milvus`` (milvus-lite file or a server) or
+            ``torch`` (exact search as a matrix product on a GPU, no faiss-gpu needed).
         spec: index structure: ``flat`` (exact), ``ivf-flat``, ``ivf-sq8``, ``ivf-pq``, ``hnsw``
-            (Milvus also ``gpu-flat``, ``gpu-ivf-flat``, ``gpu-ivf-pq``, ``gpu-cagra``).
+            (Milvus also ``gpu-flat``, ``gpu-ivf-flat``, ``gpu-ivf-pq``, ``gpu-cagra``; torch only
+            ``flat``).
         dim: vector dimension (required).
-        **options: backend options: see :class:`index.faiss_specs.FaissOptions` and
-            :class:`index.milvus_index.MilvusIndex` (``uri``, ``token``, ``collection``...).
+        **options: backend options: see :class:`index.faiss_specs.FaissOptions`,
+            :class:`index.milvus_index.MilvusIndex` (``uri``, ``token``, ``collection``...) and
+            :class:`index.torch_index.TorchIndex` (``device``, ``dtype``: float16 on CUDA).
 
     Returns:
         A :class:`~index.base.VectorIndex`.
@@ -40,6 +43,10 @@ def create_index(
         from index.milvus_index import MilvusIndex
 
         return MilvusIndex(dim, spec, **options)
+    if backend == "torch":
+        from index.torch_index import TorchIndex
+
+        return TorchIndex(dim, spec, **options)
     raise IndexInputError(f"unknown index backend '{backend}'; choose one of {list(BACKENDS)}")
 
 
@@ -48,7 +55,8 @@ def load_index(path: str | Path, **options: Any) -> VectorIndex:
 
     Args:
         path: snapshot folder written by ``save``.
-        **options: overrides passed to the backend's ``load`` (``gpu=False``, ``token=...``).
+        **options: overrides passed to the backend's ``load`` (``gpu=False``, ``token=...``,
+            ``device="cpu"``).
 
     Raises:
         SnapshotError: missing, corrupt or mismatched snapshot (rebuild from the database).
@@ -62,4 +70,8 @@ def load_index(path: str | Path, **options: Any) -> VectorIndex:
         from index.milvus_index import MilvusIndex
 
         return MilvusIndex.load(path, **options)
+    if backend == "torch":
+        from index.torch_index import TorchIndex
+
+        return TorchIndex.load(path, **options)
     raise SnapshotError(f"snapshot at {path} names unknown backend '{backend}'")

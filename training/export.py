@@ -30,12 +30,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from training.data.transforms import Preprocess, build_test_transform
+from training.inference import InferenceEngine, InferenceOptions, TensorPreprocess, decode_jpegs
 from training.model import EMBEDDINGS, ReIDModel, UnknownBackboneError
 
 __all__ = [
@@ -265,7 +265,7 @@ def _replace_dir(tmp: Path, out_dir: Path, *, overwrite: bool) -> None:
 
 @dataclass
 class LoadedModel:
-    """An exported model ready to embed images: the module plus its preprocessing.
+    """An exported model ready to embed images: the module, its preprocessing and its inference engine.
 
     Attributes:
         name: model name from ``model.json``.
@@ -278,6 +278,8 @@ class LoadedModel:
         module: the :class:`ReIDModel`, in eval mode, on ``device``.
         device: where the module runs.
         dtype: the module's floating-point type.
+        engine: the :class:`~training.inference.InferenceEngine` that runs the module (half
+            precision, channels_last, CUDA graphs, compile); built from ``dtype`` when not given.
     """
 
     name: str
@@ -292,16 +294,28 @@ class LoadedModel:
     module: nn.Module
     device: torch.device
     dtype: torch.dtype = torch.float32
+    engine: InferenceEngine | None = None
     _transform: Any = field(default=None, init=False, repr=False)
-    _channels_last: bool = field(default=False, init=False, repr=False)
+    _tensor_preprocess: TensorPreprocess | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._transform = build_test_transform(self.preprocess_config)
-        self._channels_last = (
-            self.device.type == "cuda" and isinstance(self.module, ReIDModel) and self.module.is_cnn
-        )
-        if self._channels_last:
-            self.module.to(memory_format=torch.channels_last)
+        if self.engine is None:
+            self.engine = InferenceEngine(
+                self.module, self.device, self.input_size, InferenceOptions(dtype=self.dtype)
+            )
+        self.module = self.engine.module
+        self.dtype = self.engine.dtype
+        if TensorPreprocess.supports(self.interpolation):
+            self._tensor_preprocess = TensorPreprocess(
+                self.input_size,
+                self.interpolation,
+                self.mean,
+                self.std,
+                device=self.device,
+                dtype=self.dtype,
+                channels_last=self.engine.channels_last,
+            )
 
     @property
     def preprocess_config(self) -> Preprocess:
@@ -314,18 +328,40 @@ class LoadedModel:
         """PIL image (any mode) -> CHW float32 tensor on CPU, exactly as at evaluation time."""
         return self._transform(image)
 
+    @property
+    def tensor_preprocess(self) -> TensorPreprocess | None:
+        """The same transform on uint8 tensors, producing batches on the model's device and dtype
+        (None when the model's interpolation has no tensor equivalent, e.g. Lanczos)."""
+        return self._tensor_preprocess
+
+    def preprocess_tensors(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        """uint8 RGB CHW images (any size, any device) -> model-ready (N, 3, H, W) batch on the device.
+
+        Raises:
+            ValueError: the model's interpolation has no tensor equivalent (use :meth:`preprocess`).
+        """
+        if self._tensor_preprocess is None:
+            raise ValueError(
+                f"model {self.name} resizes with {self.interpolation!r}, which has no tensor "
+                "equivalent: preprocess PIL images with LoadedModel.preprocess"
+            )
+        return self._tensor_preprocess(images)
+
+    def preprocess_jpegs(self, datas: Sequence[bytes]) -> torch.Tensor:
+        """Checked JPEG bytes -> model-ready batch on the device (decoded by nvJPEG on a GPU).
+
+        The bytes must have passed the service's image checks (format and pixel limit).
+        """
+        return self.preprocess_tensors(decode_jpegs(datas, self.device))
+
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
-        """Embeds a preprocessed NCHW batch: (N, dim) float32, L2-normalised, on CPU."""
+        """Embeds a preprocessed NCHW batch (CPU or device): (N, dim) float32, L2-normalised, on CPU."""
         if batch.ndim != 4 or batch.shape[1] != 3:
             raise ValueError(f"expected an (N, 3, H, W) batch, got shape {tuple(batch.shape)}")
-        with torch.inference_mode():
-            x = batch.to(self.device, dtype=self.dtype, non_blocking=True)
-            if self._channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            module = self.module
-            raw = module.embed(x) if isinstance(module, ReIDModel) else module(x)
-            # Normalise in float32: fp16 sums of squares lose precision for 768-d features.
-            return F.normalize(raw.float(), dim=1).cpu()
+        assert self.engine is not None
+        if batch.shape[0] == 0:
+            return torch.empty((0, self.dim), dtype=torch.float32)
+        return self.engine.embed(batch)
 
     def embed_images(self, images: Sequence[Image.Image], batch_size: int = 64) -> np.ndarray:
         """Preprocesses and embeds PIL images in batches: (N, dim) float32 array."""
@@ -379,14 +415,25 @@ def _require(meta: Mapping[str, Any], path: str, json_path: Path) -> Any:
 
 
 def load_model(
-    model_dir: str | Path, device: str | torch.device = "cpu", *, dtype: torch.dtype | None = None
+    model_dir: str | Path,
+    device: str | torch.device = "cpu",
+    *,
+    dtype: torch.dtype | None = None,
+    half_precision: bool | None = None,
+    cuda_graphs: bool | None = None,
+    compile: bool = False,
 ) -> LoadedModel:
     """Loads an exported model directory, verifying its format version and weights checksum.
 
     Args:
         model_dir: a directory written by :func:`export_model` / ``reid export``.
         device: where to run the model (``"cpu"``, ``"cuda"``, ``"cuda:1"`` ...).
-        dtype: floating-point type of the module; ``None`` means float32 on CPU, float16 on CUDA.
+        dtype: force the module's floating-point type. ``None`` chooses: float32 on a CPU; on CUDA
+            float16 or bfloat16, whichever first reproduces the float32 embeddings of a probe batch
+            (cosine >= 0.999), else float32 with a warning (see :mod:`training.inference`).
+        half_precision: allow the half-precision choice (default: on CUDA only); False keeps float32.
+        cuda_graphs: replay CUDA graphs for query-sized batches (default: on CUDA).
+        compile: ``torch.compile`` the forward for large batches (compiled at load, fixed buckets).
 
     Raises:
         ModelFormatError: missing files, wrong format version, checksum mismatch, or weights that
@@ -446,10 +493,16 @@ def load_model(
         ) from exc
 
     device = torch.device(device)
-    if dtype is None:
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-    module = module.to(device=device, dtype=dtype).eval()
+    module = module.to(device=device).eval()
     module.requires_grad_(False)
+    engine = InferenceEngine(
+        module,
+        device,
+        prep.size,
+        InferenceOptions(
+            dtype=dtype, half_precision=half_precision, cuda_graphs=cuda_graphs, compile=compile
+        ),
+    )
     return LoadedModel(
         name=str(meta.get("name") or model_dir.name),
         version=str(expected)[:12],
@@ -460,9 +513,10 @@ def load_model(
         std=prep.std,
         interpolation=prep.interpolation,
         meta=meta,
-        module=module,
+        module=engine.module,
         device=device,
-        dtype=dtype,
+        dtype=engine.dtype,
+        engine=engine,
     )
 
 

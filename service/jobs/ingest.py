@@ -25,7 +25,7 @@ from sqlalchemy import select
 
 from service.db.models import Item
 from service.item_writer import GalleryGoneError, GalleryModelsChangedError, NewItem, gallery_model_ids
-from service.jobs.pipeline import Prepared, prefetched_batches, prepare_file, stack
+from service.jobs.pipeline import Prepared, device_stage_for, prefetched_batches, prepare_file, stack
 from service.jobs.runner import JobContext, JobFailedError
 from service.jobs.sources import (
     DatasetPathForbiddenError,
@@ -63,8 +63,8 @@ def embed_batch(ctx: JobContext, prepared: list[Prepared], model_ids: set[int]) 
         tensors = []
         for p in prepared:
             if model_id not in p.tensors:
-                assert p.decoded is not None
-                p.tensors[model_id] = runtime.model.preprocess(p.decoded.image)
+                image = p.pil_image(ctx.state.settings.max_image_pixels)
+                p.tensors[model_id] = runtime.model.preprocess(image)
             tensors.append(p.tensors[model_id])
         vectors[model_id] = runtime.batcher.forward(stack(tensors))
     return vectors
@@ -86,17 +86,23 @@ def run_ingest(ctx: JobContext) -> dict[str, object]:
         model_ids = current_models(ctx, gallery_id)
     except GalleryGoneError as exc:
         raise JobFailedError(str(exc)) from exc
-    preprocessors = {}
+    loaded = {}
     for model_id in model_ids:
         runtime = ctx.state.models.by_row(model_id)
         if runtime is not None:
-            preprocessors[model_id] = runtime.model.preprocess
+            loaded[model_id] = runtime.model
+    # On a GPU, JPEGs are decoded and resized there (nvJPEG, or libjpeg-turbo pixels + GPU resize),
+    # a batch ahead of the model; elsewhere the pool does everything with Pillow, as evaluation does.
+    stage = device_stage_for(
+        loaded, jpeg_decoder=settings.jpeg_decoder, max_pixels=settings.max_image_pixels
+    )
     prepare = partial(
         _prepare,
         max_pixels=settings.max_image_pixels,
-        preprocessors=preprocessors,
+        preprocessors={model_id: model.preprocess for model_id, model in loaded.items()},
         is_known=known.__contains__,
         roots=settings.dataset_roots,
+        jpeg_decoder=stage.jpeg_decoder if stage is not None else None,
     )
     started = time.monotonic()
     stored = 0
@@ -106,6 +112,7 @@ def run_ingest(ctx: JobContext) -> dict[str, object]:
         prepare,
         batch_size=settings.ingest_batch_size,
         prefetch=settings.ingest_prefetch_batches,
+        finish=stage,
     )
     # One writer thread commits batch i while the model embeds batch i+1 (at most one write in
     # flight, in order), so the database's time hides behind the model's.
@@ -181,11 +188,17 @@ def _prepare(
     preprocessors: dict[int, Callable[[Image.Image], torch.Tensor]],
     is_known: Callable[[str], bool],
     roots: list[Path],
+    jpeg_decoder: str | None = None,
 ) -> Prepared[SourceImage]:
     if not inside_roots(source.path, roots):
         return Prepared(source, error="the image lies outside the allowed dataset roots (symbolic link?)")
     return prepare_file(
-        source, source.path, max_pixels=max_pixels, preprocessors=preprocessors, is_known=is_known
+        source,
+        source.path,
+        max_pixels=max_pixels,
+        preprocessors=preprocessors,
+        is_known=is_known,
+        jpeg_decoder=jpeg_decoder,
     )
 
 
@@ -195,9 +208,9 @@ def _store(
     new_items = [
         NewItem(
             content_hash=p.content_hash or "",
-            image_format=p.decoded.format if p.decoded else "",
-            width=p.decoded.width if p.decoded else 0,
-            height=p.decoded.height if p.decoded else 0,
+            image_format=p.image_format,
+            width=p.width,
+            height=p.height,
             identity=p.source.identity,
             camera=p.source.camera,
             captured_at=p.source.captured_at,

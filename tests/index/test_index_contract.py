@@ -45,9 +45,16 @@ MILVUS_OPTIONS: dict[str, dict[str, Any]] = {
     # milvus-lite builds 128 lists whatever nlist says (it does not read pymilvus 3 index params).
     "ivf-flat": {"nlist": 16, "nprobe": 40},
 }
-CASES = [pytest.param(("faiss", spec), id=f"faiss-{spec}") for spec in FAISS_OPTIONS] + [
-    pytest.param(("milvus", spec), id=f"milvus-{spec}", marks=pytest.mark.milvus) for spec in MILVUS_OPTIONS
-]
+# The torch backend runs on the CPU here (float32: exact); the same code serves CUDA in float16.
+TORCH_OPTIONS: dict[str, dict[str, Any]] = {"flat": {"device": "cpu"}}
+CASES = (
+    [pytest.param(("faiss", spec), id=f"faiss-{spec}") for spec in FAISS_OPTIONS]
+    + [
+        pytest.param(("milvus", spec), id=f"milvus-{spec}", marks=pytest.mark.milvus)
+        for spec in MILVUS_OPTIONS
+    ]
+    + [pytest.param(("torch", spec), id=f"torch-{spec}") for spec in TORCH_OPTIONS]
+)
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -154,6 +161,8 @@ def make_index(request: pytest.FixtureRequest) -> Iterator[Callable[..., VectorI
     def factory(dim: int = DIM, **extra: Any) -> VectorIndex:
         if backend == "faiss":
             options = {"exact_subset_limit": 64, **FAISS_OPTIONS[spec], **extra}
+        elif backend == "torch":
+            options = {"exact_subset_limit": 64, **TORCH_OPTIONS[spec], **extra}
         else:
             uri = request.getfixturevalue("milvus_uri")
             options = {"uri": uri, "collection": f"c{next(_collections)}", **MILVUS_OPTIONS[spec], **extra}
@@ -383,8 +392,8 @@ def test_save_load_round_trip(make_index: Callable[..., VectorIndex], tmp_path: 
     assert len(loaded) == N - 50
     assert not loaded.contains(gone).any() and loaded.contains(ids[50:]).all()
     after, after_f = loaded.search(q, 10), loaded.search(q, 10, filter=flt)
-    if make_index.backend == "faiss" or index.capabilities.exact:  # type: ignore[attr-defined]
-        # The FAISS snapshot is the same index, bit for bit.
+    if make_index.backend in ("faiss", "torch") or index.capabilities.exact:  # type: ignore[attr-defined]
+        # The FAISS and torch snapshots are the same index, bit for bit.
         np.testing.assert_array_equal(after.ids, before.ids)
         np.testing.assert_allclose(after.scores, before.scores, atol=1e-6)
         np.testing.assert_array_equal(after_f.ids, before_f.ids)
@@ -458,7 +467,7 @@ def test_adding_a_present_id_is_rejected_whole(make_index: Callable[..., VectorI
 
 def test_k_limit_is_the_documented_one(make_index: Callable[..., VectorIndex]) -> None:
     index = make_index()
-    expected = 2048 if make_index.backend == "faiss" else 16384  # type: ignore[attr-defined]
+    expected = 16384 if make_index.backend == "milvus" else 2048  # type: ignore[attr-defined]
     assert index.capabilities.max_k == expected
     index.add([1], clustered(1))
     assert index.search(clustered(1), expected).ids.shape == (1, expected)
