@@ -105,6 +105,104 @@ def decode_image(data: bytes, *, max_pixels: int, name: str = "image") -> Decode
     return DecodedImage(img, fmt, content_hash(data), width, height)
 
 
+#: Start-of-frame markers of the Huffman-coded 8/12-bit JPEG processes that libjpeg-turbo and
+#: nvJPEG decode (baseline, extended sequential, progressive); others go through Pillow.
+_HUFFMAN_SOF = {0xC0: False, 0xC1: False, 0xC2: True}
+_STANDALONE_MARKERS = {0x01, 0xD8, *range(0xD0, 0xD8)}
+_COMPONENT_MODES = {1: "L", 3: "RGB"}
+
+
+def jpeg_frame(data: bytes) -> tuple[int, int, str, bool] | None:
+    """(width, height, mode, progressive) from a JPEG's frame header, or None to let Pillow judge.
+
+    Walks the marker segments up to the first start-of-frame with bounds checks at every step;
+    anything unusual (12-bit samples, arithmetic coding, CMYK, a malformed segment) returns None.
+    """
+    n = len(data)
+    i = 2  # after SOI
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in _STANDALONE_MARKERS:
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image or scan data before any frame header
+            return None
+        length = (data[i + 2] << 8) | data[i + 3]
+        if length < 2 or i + 2 + length > n:
+            return None
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if marker not in _HUFFMAN_SOF or length < 8:
+                return None
+            precision = data[i + 4]
+            height = (data[i + 5] << 8) | data[i + 6]
+            width = (data[i + 7] << 8) | data[i + 8]
+            mode = _COMPONENT_MODES.get(data[i + 9])
+            if precision != 8 or mode is None or width == 0 or height == 0:
+                return None
+            return width, height, mode, _HUFFMAN_SOF[marker]
+        i += 2 + length
+    return None
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What an image's header says, read without decoding pixels (for decoding on a GPU later)."""
+
+    format: str
+    width: int
+    height: int
+    mode: str
+    progressive: bool
+
+
+def probe_image(data: bytes, *, max_pixels: int, name: str = "image") -> ImageInfo:
+    """The checks of :func:`decode_image` that need no pixels: format by content and pixel limit.
+
+    A decoder that runs elsewhere (nvJPEG on the GPU) gets only bytes that passed these checks.
+
+    Raises:
+        UnsupportedImageError, ImageTooLargeError, ImageDecodeError (unreadable header).
+    """
+    if not data:
+        raise UnsupportedImageError(f"{name} is empty (0 bytes): send a JPEG, PNG or WebP file")
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise UnsupportedImageError(
+            f"{name} is not a JPEG, PNG or WebP image (judged by its content, not its name)"
+        )
+    if fmt == "JPEG" and (frame := jpeg_frame(data)) is not None:
+        # The frame header alone, read in microseconds: Pillow's parser costs ~50 us of GIL time
+        # per image, which would cap a decode pool far below a GPU's appetite.
+        width, height, mode, progressive = frame
+        limit = min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)  # Pillow's bomb guard too
+        if width * height > limit:
+            raise ImageTooLargeError(
+                f"{name} is {width}x{height} pixels, more than the {limit} this service accepts"
+            )
+        return ImageInfo(fmt, width, height, mode, progressive)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=[fmt]) as img:
+                width, height = img.size
+                mode = img.mode
+                progressive = bool(img.info.get("progressive") or img.info.get("progression"))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLargeError(f"{name} is too large to decode safely: {exc}") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageDecodeError(f"{name} could not be read as {fmt} (truncated or corrupt?): {exc}") from exc
+    if width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"{name} is {width}x{height} pixels, more than the {max_pixels} this service accepts"
+        )
+    return ImageInfo(fmt, width, height, mode, progressive)
+
+
 class ImageDecoder:
     """A thread pool that decodes images off the event loop (Pillow releases the GIL while decoding)."""
 

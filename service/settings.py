@@ -81,7 +81,11 @@ class Settings(BaseSettings):
     dataset_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list, description="Server-side folders that ingestion and evaluation jobs may read."
     )
-    index_backend: Literal["faiss", "milvus"] = "faiss"
+    index_backend: Literal["faiss", "milvus", "torch"] = Field(
+        "faiss",
+        description="faiss (in-process), milvus, or torch (exact search as a matrix product on the "
+        "GPU when there is one: the fastest exact search without a faiss-gpu wheel).",
+    )
     index_spec: str = Field("flat", description="Index spec of new galleries (see index.create_index).")
     milvus_uri: str | None = Field(None, description="Milvus URI; default: milvus-lite DATA_DIR/milvus.db.")
     device: str | None = Field(None, description="Torch device for the models; default cuda when available.")
@@ -111,11 +115,13 @@ class Settings(BaseSettings):
         5.0, ge=0, description="Seconds a verified key is trusted without a database lookup (revocation lag)."
     )
     rate_limit_per_s: float = Field(
-        50.0,
+        100.0,
         ge=0,
         description="Requests per second each API key (or client address, auth off) sustains; 0: off.",
     )
-    rate_limit_burst: int = Field(100, ge=1, description="Requests a key or address may send at once.")
+    rate_limit_burst: int = Field(
+        200, ge=1, description="Requests a key or address may send at once (a page of thumbnails, say)."
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Origins allowed to call the API from a browser (CORS); empty: CORS off.",

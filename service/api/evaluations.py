@@ -9,12 +9,13 @@ from fastapi import APIRouter, Depends, Header, Query
 from sqlalchemy import select
 
 from service.api import idempotency
-from service.api.deps import DbSession, Scope, State, authorize
+from service.api.deps import DbSession, EvaluationId, Scope, State, authorize
 from service.api.galleries import resolve_model
 from service.api.jobs import check_dataset_root, check_layout, create_job_idempotently
 from service.api.problems import PROBLEM_RESPONSES, Problem, not_found
 from service.api.schemas import EvaluationCreate, EvaluationOut, Page, decode_cursor, encode_cursor
 from service.db.models import Evaluation, Job, ModelRow
+from service.limits import check_job_images, count_dataset_images
 
 router = APIRouter(prefix="/v1/evaluations", tags=["evaluations"], responses=PROBLEM_RESPONSES)
 
@@ -55,6 +56,15 @@ async def create_evaluation(
     check_layout(body.dataset.layout)
     await anyio.to_thread.run_sync(check_dataset_root, state, body.dataset.root)
     protocol = body.protocol or ("vehicleid" if body.dataset.layout.lower() == "vehicleid" else "market1501")
+    count = await anyio.to_thread.run_sync(
+        count_dataset_images,
+        body.dataset.layout,
+        body.dataset.root,
+        body.dataset.options,
+        ("gallery",) if protocol == "vehicleid" else ("query", "gallery"),
+        state.settings.dataset_roots,
+    )
+    check_job_images(count, state.settings.max_evaluation_images, "evaluation", "REID_MAX_EVALUATION_IMAGES")
     options: dict[str, Any] = {"ap_mode": body.ap_mode}
     if protocol == "vehicleid":
         options.update(trials=body.trials, seed=body.seed, test_size=body.test_size)
@@ -125,7 +135,7 @@ def list_evaluations(
     summary="An evaluation's status and result",
     dependencies=[Depends(authorize(Scope.READ))],
 )
-def get_evaluation(evaluation_id: int, session: DbSession) -> EvaluationOut:
+def get_evaluation(evaluation_id: EvaluationId, session: DbSession) -> EvaluationOut:
     ev = session.get(Evaluation, evaluation_id)
     if ev is None:
         raise not_found("Evaluation", evaluation_id)

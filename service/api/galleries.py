@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service.api.deps import DbSession, Scope, State, authorize
+from service.api.deps import DbSession, GalleryId, Scope, State, authorize
 from service.api.jobs import accepted, job_out
 from service.api.problems import PROBLEM_RESPONSES, Problem, not_found
 from service.api.schemas import (
@@ -155,14 +155,14 @@ def list_galleries(
 
 
 @router.get("/{gallery_id}", summary="Describe a gallery", dependencies=[Read])
-def get_gallery(gallery_id: int, state: State, session: DbSession) -> GalleryOut:
+def get_gallery(gallery_id: GalleryId, state: State, session: DbSession) -> GalleryOut:
     return gallery_out(state, session, get_gallery_or_404(session, gallery_id))
 
 
 @router.delete(
     "/{gallery_id}", status_code=204, summary="Delete a gallery and its items", dependencies=[Admin]
 )
-def delete_gallery(gallery_id: int, state: State) -> Response:
+def delete_gallery(gallery_id: GalleryId, state: State) -> Response:
     with state.sessions() as session:
         get_gallery_or_404(session, gallery_id)
         active_jobs = session.scalars(
@@ -196,7 +196,7 @@ def delete_gallery(gallery_id: int, state: State) -> Response:
     dependencies=[Admin],
     summary="Re-embed the gallery with another model version into a new index beside the live one",
 )
-async def create_reembed_job(gallery_id: int, body: ReembedCreate, state: State) -> Any:
+async def create_reembed_job(gallery_id: GalleryId, body: ReembedCreate, state: State) -> Any:
     runtime = resolve_model(state, body.model, body.version)
 
     def create() -> JSONResponse:
@@ -253,7 +253,7 @@ async def create_reembed_job(gallery_id: int, body: ReembedCreate, state: State)
     summary="Swap the active and the standby model (atomic)",
     dependencies=[Admin],
 )
-def switch_model(gallery_id: int, state: State, body: SwitchModel | None = None) -> GalleryOut:
+def switch_model(gallery_id: GalleryId, state: State, body: SwitchModel | None = None) -> GalleryOut:
     with state.sessions() as session:
         gallery = get_gallery_or_404(session, gallery_id)
         if (
@@ -283,7 +283,7 @@ def switch_model(gallery_id: int, state: State, body: SwitchModel | None = None)
     summary="Drop the standby model and its index",
     dependencies=[Admin],
 )
-def drop_standby(gallery_id: int, state: State) -> Response:
+def drop_standby(gallery_id: GalleryId, state: State) -> Response:
     with state.sessions() as session:
         get_gallery_or_404(session, gallery_id)
         busy = session.scalar(

@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.api import idempotency
-from service.api.deps import DbSession, Scope, State, authorize
+from service.api.deps import DbSession, GalleryId, ItemId, Scope, State, authorize
 from service.api.problems import PROBLEM_RESPONSES, Problem, not_found, problem_responses
 from service.api.schemas import ItemOut, Page, SortOrder, decode_cursor, encode_cursor
 from service.api.uploads import decode_uploads, embed_decoded, parse_time, per_image, read_uploads
@@ -76,7 +76,7 @@ def _models_of(state: ServiceState, gallery_id: int) -> set[int]:
     responses={201: {"description": "The new items, durable (committed) and searchable"}},
 )
 async def add_items(
-    gallery_id: int,
+    gallery_id: GalleryId,
     state: State,
     image: Annotated[list[UploadFile], File(description="One or more JPEG/PNG/WebP files.")],
     identity: Annotated[list[str] | None, Form(description="Once for all images, or once per image.")] = None,
@@ -186,7 +186,7 @@ def _write(
 
 @router.get("", summary="List items with filters", dependencies=[Read])
 def list_items(
-    gallery_id: int,
+    gallery_id: GalleryId,
     session: DbSession,
     identity: str | None = None,
     camera: str | None = None,
@@ -237,14 +237,14 @@ def _get_item(session: Any, gallery_id: int, item_id: int) -> Item:
 
 
 @router.get("/{item_id}", summary="Get an item", dependencies=[Read])
-def get_item(gallery_id: int, item_id: int, session: DbSession) -> ItemOut:
+def get_item(gallery_id: GalleryId, item_id: ItemId, session: DbSession) -> ItemOut:
     return item_out(_get_item(session, gallery_id, item_id))
 
 
 @router.delete(
     "/{item_id}", status_code=204, summary="Delete an item (it never comes back)", dependencies=[Admin]
 )
-def delete_item(gallery_id: int, item_id: int, state: State) -> Response:
+def delete_item(gallery_id: GalleryId, item_id: ItemId, state: State) -> Response:
     with state.sessions() as session:
         item = _get_item(session, gallery_id, item_id)
         if item.status != "active":
@@ -263,7 +263,7 @@ def delete_item(gallery_id: int, item_id: int, state: State) -> Response:
     response_class=Response,
     responses={200: {"content": {"image/jpeg": {}}}},
 )
-async def thumbnail(gallery_id: int, item_id: int, state: State) -> Response:
+async def thumbnail(gallery_id: GalleryId, item_id: ItemId, state: State) -> Response:
     def load() -> bytes:
         with state.sessions() as session:
             item = _get_item(session, gallery_id, item_id)
@@ -290,7 +290,7 @@ async def thumbnail(gallery_id: int, item_id: int, state: State) -> Response:
     response_class=FileResponse,
     responses={200: {"content": {"image/*": {}}}},
 )
-def original_image(gallery_id: int, item_id: int, state: State, session: DbSession) -> FileResponse:
+def original_image(gallery_id: GalleryId, item_id: ItemId, state: State, session: DbSession) -> FileResponse:
     item = _get_item(session, gallery_id, item_id)
     path = state.images.source_of(item.content_hash, item.image_format, item.source_path)
     if not path.is_file():

@@ -11,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from service.api import idempotency
-from service.api.deps import DbSession, Scope, State, authorize
+from service.api.deps import MAX_INT_ID, DbSession, GalleryId, JobId, Scope, State, authorize
 from service.api.problems import PROBLEM_RESPONSES, Problem, not_found, problem_responses
 from service.api.schemas import (
     IngestCreate,
@@ -154,7 +154,7 @@ def create_job_idempotently(
     },
 )
 async def create_ingest_job(
-    gallery_id: int,
+    gallery_id: GalleryId,
     body: IngestCreate,
     state: State,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
@@ -197,7 +197,7 @@ async def create_ingest_job(
 @router.get("/jobs", summary="List jobs", dependencies=[Read])
 def list_jobs(
     session: DbSession,
-    gallery_id: int | None = None,
+    gallery_id: Annotated[int | None, Query(ge=1, le=MAX_INT_ID)] = None,
     kind: str | None = None,
     status: str | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
@@ -223,7 +223,7 @@ def list_jobs(
 
 
 @router.get("/jobs/{job_id}", summary="A job's status and progress", dependencies=[Read])
-def get_job(job_id: int, session: DbSession) -> JobOut:
+def get_job(job_id: JobId, session: DbSession) -> JobOut:
     job = session.get(Job, job_id)
     if job is None:
         raise not_found("Job", job_id)
@@ -231,7 +231,7 @@ def get_job(job_id: int, session: DbSession) -> JobOut:
 
 
 @router.post("/jobs/{job_id}/cancel", status_code=202, summary="Cancel a job", dependencies=[Write])
-def cancel_job(job_id: int, state: State) -> JobOut:
+def cancel_job(job_id: JobId, state: State) -> JobOut:
     if state.jobs is None:
         raise Problem(503, "Jobs unavailable", "The job runner is not running.", slug="not-ready")
     try:
@@ -246,7 +246,7 @@ def cancel_job(job_id: int, state: State) -> JobOut:
 
 @router.get("/jobs/{job_id}/errors", summary="Inputs a job could not process", dependencies=[Read])
 def job_errors(
-    job_id: int,
+    job_id: JobId,
     session: DbSession,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: str | None = None,

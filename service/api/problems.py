@@ -16,6 +16,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.request_context import REQUEST_ID_HEADER, current_request_id
@@ -169,11 +170,27 @@ async def _handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _handle_data_error(request: Request, exc: Exception) -> JSONResponse:
+    # The database refused a value the client sent (PostgreSQL text cannot hold NUL; a string too
+    # long for its column; a number out of range): the request's fault, and nothing is stored.
+    reason = getattr(exc, "orig", exc)
+    logger.warning("database refused a value on %s %s: %s", request.method, request.url.path, reason)
+    return problem_response(
+        request,
+        422,
+        "Invalid value",
+        "A value in the request cannot be stored or compared by the database "
+        "(a NUL character, a text too long, a number out of range); nothing was changed.",
+        slug="validation",
+    )
+
+
 def install_problem_handlers(app: FastAPI) -> None:
     """Route every error through problem+json."""
     app.add_exception_handler(Problem, _handle_problem)
     app.add_exception_handler(StarletteHTTPException, _handle_http)
     app.add_exception_handler(RequestValidationError, _handle_validation)
+    app.add_exception_handler(DataError, _handle_data_error)
     app.add_exception_handler(Exception, _handle_unexpected)
 
 

@@ -33,8 +33,8 @@ def decode_cursor(cursor: str | None) -> int:
     padded = cursor + "=" * (-len(cursor) % 4)
     text = base64.urlsafe_b64decode(padded.encode()).decode()
     prefix, _, value = text.partition(":")
-    if prefix != "id" or not value.isdigit():
-        raise ValueError(cursor)
+    if prefix != "id" or not value.isdigit() or len(value) > 19 or int(value) > 2**63 - 1:
+        raise ValueError(cursor)  # also an id past any key: SQLite could not bind it
     return int(value)
 
 
@@ -64,8 +64,15 @@ class GalleryCreate(BaseModel):
 
     name: str = Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f]+$")
     model: str = Field(min_length=1, max_length=100, description="Served model name.")
-    version: str | None = Field(None, description="Model version; default: the served default version.")
-    index_spec: str | None = Field(None, description="Index spec (default: the service's setting).")
+    version: str | None = Field(
+        None, max_length=64, description="Model version; default: the served default version."
+    )
+    index_spec: str | None = Field(
+        None,
+        max_length=100,
+        pattern=r"^[^\x00-\x1f]*$",
+        description="Index spec (default: the service's setting).",
+    )
 
 
 class SnapshotOut(BaseModel):
@@ -395,7 +402,7 @@ class SearchResponse(BaseModel):
 class SearchByItem(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"item_id": 42, "k": 10}]})
 
-    item_id: int
+    item_id: int = Field(ge=1, le=2**63 - 1)
     k: int | None = Field(None, ge=1)
     cameras: list[str] | None = None
     time_from: dt.datetime | None = None

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, File, Form, UploadFile
 from sqlalchemy import select
 
 from index import SearchFilter
-from service.api.deps import Scope, State, authorize
+from service.api.deps import GalleryId, Scope, State, authorize
 from service.api.items import thumbnail_url
 from service.api.problems import PROBLEM_RESPONSES, Problem, not_found, problem_responses
 from service.api.schemas import QueryResult, SearchByItem, SearchHit, SearchResponse
@@ -161,7 +161,7 @@ def _rerank(
 
 @router.post("/search", summary="Search the gallery with one or more query images")
 async def search(
-    gallery_id: int,
+    gallery_id: GalleryId,
     state: State,
     image: Annotated[
         list[UploadFile], File(description="Query images (JPEG/PNG/WebP), one result list each.")
@@ -200,7 +200,7 @@ async def search(
 
 
 @router.post("/search-by-item", summary="Search the gallery with a stored item's embedding")
-async def search_by_item(gallery_id: int, body: SearchByItem, state: State) -> SearchResponse:
+async def search_by_item(gallery_id: GalleryId, body: SearchByItem, state: State) -> SearchResponse:
     k = _check_k(state, body.k)
     gi, _ = _active_index(state, gallery_id)
 

@@ -101,10 +101,23 @@ def parse_time(value: str | None, field: str) -> dt.datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
+#: Longest identity or camera name (the database columns' size).
+MAX_METADATA_LENGTH = 200
+
+
 def per_image(values: list[str] | None, n: int, field: str) -> list[str | None]:
     """A metadata form field given once for all images or once per image (in upload order)."""
     if not values:
         return [None] * n
+    for value in values:
+        # The columns hold 200 characters, and PostgreSQL text cannot hold NUL at all.
+        if len(value) > MAX_METADATA_LENGTH or "\x00" in value:
+            raise Problem(
+                422,
+                "Invalid metadata",
+                f"{field} values must be at most {MAX_METADATA_LENGTH} characters, without NUL.",
+                slug="validation",
+            )
     if len(values) == 1:
         return [values[0] or None] * n
     if len(values) != n:

@@ -15,6 +15,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    CheckConstraint,
     DateTime,
     Float,
     ForeignKey,
@@ -264,3 +265,22 @@ class IdempotencyKey(Base):
     response: Mapped[dict[str, Any]] = mapped_column(JSON)
     location: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ApiKey(Base):
+    """An API key: its public id, its scope and the SHA-256 of the key (the key itself is never stored).
+
+    Revoked keys keep their row (``revoked_at`` set) so that ``reid keys list`` shows who had access.
+    """
+
+    __tablename__ = "api_keys"
+    __table_args__ = (CheckConstraint("scope IN ('read', 'write', 'admin')", name="scope"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(32), unique=True)
+    name: Mapped[str] = mapped_column(String(200))
+    scope: Mapped[str] = mapped_column(String(16))
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_used_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)

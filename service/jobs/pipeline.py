@@ -255,7 +255,9 @@ class DeviceBatchStage:
         """Stack each model's CPU tensors into pinned memory and copy them up asynchronously."""
         for model_id in self.pil_preprocessors:
             items = [p for p in live if p.error is None and model_id in p.tensors]
-            items = [p for p in items if p.tensors[model_id].device != self.device]
+            # By type, not equality: torch.device("cuda") != the tensors' torch.device("cuda:0"), and
+            # that comparison once sent GPU tensors into this CPU stack (seen on an H200).
+            items = [p for p in items if p.tensors[model_id].device.type == "cpu"]
             if not items:
                 continue
             first = items[0].tensors[model_id]
