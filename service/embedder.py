@@ -7,8 +7,11 @@ batch to fill, and runs one forward pass in the model's own thread. A full queue
 a request whose client went away is dropped before the forward pass; an input that makes the batch
 fail is isolated by re-running the batch one image at a time, so only that request fails.
 
-Jobs embed through :meth:`MicroBatcher.forward` with large batches; the model lock interleaves
-them with the interactive batches at batch granularity.
+Jobs embed through :meth:`MicroBatcher.forward` with large batches. Interactive batches go
+first: a job batch waits (up to ``job_yield_s``) while queries are queued or about to run, because
+on a CPU one job batch holds the model for seconds and a query stuck behind a stream of them waited
+5x longer in the load test (bench/README.md); the bound keeps a busy query stream from starving the
+job.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import collections
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -53,10 +57,17 @@ class MicroBatcher:
         max_batch_size: most images per forward pass.
         max_wait_s: longest time the first request of a batch waits for company.
         queue_size: most requests waiting; more are refused with :class:`EmbedderBusyError`.
+        job_yield_s: longest time a job batch gives way to queued interactive requests.
     """
 
     def __init__(
-        self, model: LoadedModel, *, max_batch_size: int, max_wait_s: float, queue_size: int
+        self,
+        model: LoadedModel,
+        *,
+        max_batch_size: int,
+        max_wait_s: float,
+        queue_size: int,
+        job_yield_s: float = 2.0,
     ) -> None:
         self.model = model
         self.max_batch_size = max_batch_size
@@ -68,7 +79,11 @@ class MicroBatcher:
         # One thread per model: forward passes of one model never overlap, and the event loop
         # never blocks on the device.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"reid-embed-{model.name}")
-        self._forward_lock = threading.Lock()
+        self.job_yield_s = job_yield_s
+        # Who may run a forward pass next: interactive batches before job batches (see module doc).
+        self._turn = threading.Condition()
+        self._running = False
+        self._interactive_waiting = 0
         self.batches = 0
         self.images = 0
         #: Called after each batch with (seconds each of its requests waited in the queue, seconds
@@ -109,9 +124,45 @@ class MicroBatcher:
         return await future
 
     def forward(self, batch: torch.Tensor) -> np.ndarray:
-        """Embed a preprocessed NCHW batch from any thread (jobs): (N, dim) float32."""
-        with self._forward_lock:
+        """Embed a preprocessed NCHW batch from a job's thread: (N, dim) float32.
+
+        Gives way to interactive requests that are queued or waiting to run, for at most
+        ``job_yield_s``.
+        """
+        give_way_until = time.monotonic() + self.job_yield_s
+        with self._turn:
+            while True:
+                giving_way = bool(self._interactive_waiting or self._pending) and (
+                    time.monotonic() < give_way_until
+                )
+                if not self._running and not giving_way:
+                    break
+                # Newly queued requests do not notify this condition: poll while giving way.
+                self._turn.wait(timeout=0.05 if giving_way else None)
+            self._running = True
+        return self._embed_and_release(batch)
+
+    def _announce_interactive(self) -> None:
+        # Counted when the batch is handed to the model's thread, not when that thread picks it up:
+        # a job waiting on the condition must already see it.
+        with self._turn:
+            self._interactive_waiting += 1
+
+    def _forward_interactive(self, batch: torch.Tensor) -> np.ndarray:
+        with self._turn:
+            while self._running:
+                self._turn.wait()
+            self._interactive_waiting -= 1
+            self._running = True
+        return self._embed_and_release(batch)
+
+    def _embed_and_release(self, batch: torch.Tensor) -> np.ndarray:
+        try:
             return self.model.embed(batch).numpy()
+        finally:
+            with self._turn:
+                self._running = False
+                self._turn.notify_all()
 
     async def _run(self) -> None:
         assert self._wakeup is not None
@@ -147,7 +198,8 @@ class MicroBatcher:
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Request]) -> None:
         try:
             stacked = torch.stack([r.tensor for r in batch])
-            out = await loop.run_in_executor(self._executor, self.forward, stacked)
+            self._announce_interactive()
+            out = await loop.run_in_executor(self._executor, self._forward_interactive, stacked)
         except Exception:
             if len(batch) == 1:
                 logger.exception("embedding failed for one request")
@@ -157,7 +209,10 @@ class MicroBatcher:
             logger.warning("a batch of %d failed; retrying its images one by one", len(batch))
             for req in batch:
                 try:
-                    one = await loop.run_in_executor(self._executor, self.forward, req.tensor[None])
+                    self._announce_interactive()
+                    one = await loop.run_in_executor(
+                        self._executor, self._forward_interactive, req.tensor[None]
+                    )
                 except Exception:
                     logger.exception("embedding failed for one request")
                     _set_exception(req, "the model failed on this image")

@@ -140,3 +140,56 @@ def test_forward_from_a_thread_interleaves_with_the_batcher() -> None:
             await batcher.stop()
 
     run(main())
+
+
+def test_queued_queries_run_before_a_waiting_job_batch() -> None:
+    """A job batch that arrives while a forward runs and queries are queued goes after them."""
+    model = FakeModel(gate=threading.Event())
+
+    async def main() -> None:
+        batcher = MicroBatcher(model, max_batch_size=8, max_wait_s=0.0, queue_size=100, job_yield_s=5.0)
+        batcher.start()
+        try:
+            first = asyncio.create_task(batcher.embed(image(1.0)))  # holds the model at the gate
+            while not batcher._running:
+                await asyncio.sleep(0.001)
+            job = asyncio.create_task(asyncio.to_thread(batcher.forward, torch.stack([image(9.0)] * 16)))
+            await asyncio.sleep(0.05)  # the job is now waiting for the model
+            queries = [asyncio.create_task(batcher.embed(image(float(i)))) for i in range(2, 5)]
+            await asyncio.sleep(0.05)
+            model.gate.set()
+            await asyncio.gather(first, job, *queries)
+        finally:
+            await batcher.stop()
+
+    run(main())
+    # The first query, then the three queued queries (one batch), then the job's 16.
+    assert model.batches == [1, 3, 16]
+
+
+def test_a_job_batch_is_not_starved_by_a_stream_of_queries() -> None:
+    model = FakeModel()
+
+    async def main() -> float:
+        batcher = MicroBatcher(model, max_batch_size=1, max_wait_s=0.0, queue_size=1000, job_yield_s=0.2)
+        batcher.start()
+        stop = asyncio.Event()
+
+        async def stream() -> None:
+            while not stop.is_set():
+                await asyncio.gather(*(batcher.embed(image(1.0)) for _ in range(4)))
+
+        streamer = asyncio.create_task(stream())
+        try:
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            await asyncio.to_thread(batcher.forward, torch.stack([image(2.0)] * 8))
+            return loop.time() - start
+        finally:
+            stop.set()
+            await streamer
+            await batcher.stop()
+
+    waited = run(main())
+    assert waited < 2.0
+    assert 8 in model.batches
