@@ -1,8 +1,8 @@
-"""Vector indexes (FAISS, Milvus) and retrieval evaluation. Depends on nothing else of ours.
+"""Vector indexes (FAISS, Milvus, torch) and retrieval evaluation. Depends on nothing else of ours.
 
 ``create_index(backend, spec, dim, **options)`` builds any index; every index follows the
 :class:`VectorIndex` contract of :mod:`index.base`. Backend classes (``FaissIndex``,
-``MilvusIndex``) are imported lazily, so ``import index`` never imports pymilvus.
+``MilvusIndex``, ``TorchIndex``) are imported lazily, so ``import index`` never imports pymilvus.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ __all__ = [
     "SearchFilter",
     "SearchResult",
     "SnapshotError",
+    "TorchIndex",
     "VectorIndex",
     "create_index",
     "load_index",
@@ -54,4 +55,8 @@ def __getattr__(name: str) -> Any:
         from index.milvus_index import MilvusIndex
 
         return MilvusIndex
+    if name == "TorchIndex":
+        from index.torch_index import TorchIndex
+
+        return TorchIndex
     raise AttributeError(f"module 'index' has no attribute {name!r}")

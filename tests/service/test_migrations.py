@@ -23,6 +23,7 @@ TABLES = {
     "job_errors",
     "evaluations",
     "idempotency_keys",
+    "api_keys",
 }
 
 
