@@ -30,14 +30,10 @@ import datetime as dt
 import io
 import logging
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +46,7 @@ import numpy as np
 from PIL import Image
 
 from bench.machine import write_result
+from bench.server import FINAL_JOB_STATES, export_model, reid_server, serve_args, wait_job
 
 logger = logging.getLogger("bench.load")
 
@@ -89,20 +86,6 @@ class Scenario:
     k: int = 10
 
 
-def export_model(out: Path, arch: str, size: tuple[int, int], seed: int = 0) -> Path:
-    """A random-init exported model (the latency does not depend on what the weights learned)."""
-    import torch
-
-    from training.export import export_model as export
-    from training.model import ReIDModel
-
-    torch.manual_seed(seed)
-    model = ReIDModel(arch, img_size=size).eval()
-    return export(
-        model, out, kind="person", name=arch, preprocess={"size": size, "interpolation": "bilinear"}
-    )
-
-
 def random_jpegs(n: int, seed: int, size: tuple[int, int] = (64, 128)) -> list[bytes]:
     """``n`` distinct random RGB JPEGs of (width, height) ``size``."""
     rng = np.random.default_rng(seed)
@@ -112,52 +95,6 @@ def random_jpegs(n: int, seed: int, size: tuple[int, int] = (64, 128)) -> list[b
         Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, format="JPEG")
         out.append(buf.getvalue())
     return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def reid_server(
-    args: list[str], env: dict[str, str], log: Path, *, log_level: str = "info", timeout: float = 300
-) -> Iterator[str]:
-    """A ``reid serve`` subprocess on 127.0.0.1 and a free port; yields its base URL once ready.
-
-    Its stdout and stderr (the JSON log lines) go to ``log``. Stopped with SIGTERM (a clean
-    shutdown), then SIGKILL if it does not exit within a minute.
-    """
-    port = _free_port()
-    cmd = [sys.executable, "-m", "reid_cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    cmd += [*args, "--log-level", log_level]
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            cmd, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    url = f"http://127.0.0.1:{port}"
-    start = time.monotonic()
-    try:
-        with httpx.Client(base_url=url, timeout=10) as client:
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"reid serve exited with {proc.returncode}: see {log}")
-                with contextlib.suppress(httpx.TransportError):
-                    if client.get("/health/ready").status_code == 200:
-                        break
-                if time.monotonic() - start > timeout:
-                    raise TimeoutError(f"reid serve not ready after {timeout} s: see {log}")
-                time.sleep(0.1)
-        yield url
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
 
 
 def _percentiles(seconds: list[float]) -> dict[str, float | None]:
@@ -279,7 +216,7 @@ async def _watch(
     async with httpx.AsyncClient(base_url=url, timeout=30) as client:
         while not stop.is_set():
             job = (await client.get(job_location)).json()
-            if job["status"] in ("succeeded", "failed", "cancelled"):
+            if job["status"] in FINAL_JOB_STATES:
                 stop.set()
                 break
             text = (await client.get("/metrics")).text
@@ -320,16 +257,6 @@ async def _under_ingestion(
     return load, watched
 
 
-def _wait_job(client: httpx.Client, location: str, timeout: float = 3600) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(location).json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            return job
-        time.sleep(0.1)
-    raise TimeoutError(f"job {location} did not finish within {timeout} s")
-
-
 def run_scenario(workdir: Path, scenario: Scenario, device: str = "cpu") -> dict[str, Any]:
     """Run the load scenario in ``workdir`` (dataset, model, database, server log); returns its figures.
 
@@ -351,18 +278,7 @@ def run_scenario(workdir: Path, scenario: Scenario, device: str = "cpu") -> dict
     query_paths = [Path(s.path) for s in build_dataset("market1501", market).query]
     queries = [p.read_bytes() for p in query_paths[:64]]
     model_dir = export_model(workdir / "model", scenario.arch, scenario.input_size)
-    args = [
-        "--model",
-        f"person={model_dir}",
-        "--database-url",
-        f"sqlite:///{workdir / 'reid.sqlite3'}",
-        "--data-dir",
-        str(workdir / "data"),
-        "--dataset-root",
-        str(datasets),
-        "--device",
-        device,
-    ]
+    args = serve_args(model_dir, f"sqlite:///{workdir / 'reid.sqlite3'}", workdir / "data", datasets, device)
     env = {
         "REID_INGEST_BATCH_SIZE": str(scenario.ingest_batch_size),
         "REID_INGEST_BATCH_PAUSE_S": str(scenario.ingest_pause_s),
@@ -433,7 +349,7 @@ def run_scenario(workdir: Path, scenario: Scenario, device: str = "cpu") -> dict
         load, watched = asyncio.run(
             _under_ingestion(url, gallery_id, queries, job_location, scenario, labels)
         )
-        job = _wait_job(client, job_location)
+        job = wait_job(client, job_location)
         count = client.get(f"/v1/galleries/{gallery_id}").json()["count"]
         from service.metrics import read_samples
 

@@ -29,10 +29,7 @@ import datetime as dt
 import hashlib
 import logging
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,21 +46,11 @@ import torch
 from PIL import Image
 
 from bench.machine import write_result
+from bench.server import export_model, reid_server, serve_args, wait_job
 
 logger = logging.getLogger("bench.service")
 
 CONCURRENCY = (1, 8, 32)
-
-
-def _export(out: Path, arch: str, size: tuple[int, int], seed: int = 0) -> Path:
-    from training.export import export_model
-    from training.model import ReIDModel
-
-    torch.manual_seed(seed)
-    model = ReIDModel(arch, img_size=size).eval()
-    return export_model(
-        model, out, kind="person", name=arch, preprocess={"size": size, "interpolation": "bilinear"}
-    )
 
 
 def forward_throughput(model_dir: Path, images: list[Path], device: str, batch: int, seconds: float) -> float:
@@ -85,67 +72,13 @@ def forward_throughput(model_dir: Path, images: list[Path], device: str, batch: 
     return done / (time.perf_counter() - start)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
-def serve(
-    args: list[str], env: dict[str, str], log: Path, timeout: float = 600
-) -> Iterator[tuple[str, float]]:
-    """A `reid serve` subprocess; yields (base URL, seconds until ready)."""
-    port = _free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "reid_cli",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        *args,
-        "--log-level",
-        "warning",
-    ]
+def serve(args: list[str], env: dict[str, str], log: Path) -> Iterator[tuple[str, float]]:
+    """A quiet ``reid serve`` subprocess; yields (base URL, seconds until it was ready)."""
     start = time.perf_counter()
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            cmd, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        with httpx.Client(base_url=url, timeout=10) as client:
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"reid serve exited: see {log}")
-                with contextlib.suppress(httpx.TransportError):
-                    if client.get("/health/ready").status_code == 200:
-                        break
-                if time.perf_counter() - start > timeout:
-                    raise TimeoutError(f"reid serve not ready after {timeout} s: see {log}")
-                time.sleep(0.2)
+    # A 100k-item gallery is rebuilt from the database at start-up: allow it ten minutes.
+    with reid_server(args, env, log, log_level="warning", timeout=600) as url:
         yield url, time.perf_counter() - start
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(120)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-
-def _wait_job(client: httpx.Client, location: str, timeout: float = 3600) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(location).json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            return job
-        time.sleep(0.2)
-    raise TimeoutError(f"job {location} did not finish")
 
 
 def insert_random_gallery(
@@ -270,24 +203,13 @@ def run(
             datasets / "market", layout="market1501", ids=ids, images_per_id=12, seed=0, progress=False
         )
         gallery_images = [Path(s.path) for s in build_dataset("market1501", market).gallery]
-        model_dir = _export(tmp / "model", arch, size)
+        model_dir = export_model(tmp / "model", arch, size)
         forward_seconds = 1.0 if quick else 10.0
         forward_before = forward_throughput(model_dir, gallery_images, device, batch, forward_seconds)
         logger.info("pure forward: %.1f images/s (%s, batch %d, %s)", forward_before, arch, batch, device)
 
         database_url = f"sqlite:///{tmp / 'reid.sqlite3'}"
-        args = [
-            "--model",
-            f"person={model_dir}",
-            "--database-url",
-            database_url,
-            "--data-dir",
-            str(tmp / "data"),
-            "--dataset-root",
-            str(datasets),
-            "--device",
-            device,
-        ]
+        args = serve_args(model_dir, database_url, tmp / "data", datasets, device)
         env = {
             "REID_INGEST_BATCH_SIZE": str(batch),
             "REID_DECODE_THREADS": str(max(2, (os.cpu_count() or 2))),
@@ -303,7 +225,7 @@ def run(
                 f"/v1/galleries/{ingest_gallery['id']}/ingest-jobs",
                 json={"source": {"layout": "market1501", "root": str(market)}},
             )
-            job = _wait_job(client, r.headers["location"])
+            job = wait_job(client, r.headers["location"])
             if job["status"] != "succeeded":
                 raise RuntimeError(f"ingestion job failed: {job}")
             started = dt.datetime.fromisoformat(job["started_at"])

@@ -374,6 +374,20 @@ def check_k(k: Any, max_k: int) -> int:
     return k
 
 
+def check_dim(dim: Any) -> int:
+    """Validate a vector dimension as a positive int (no bools)."""
+    if isinstance(dim, bool) or not isinstance(dim, int | np.integer) or dim < 1:
+        raise IndexInputError(f"dim must be a positive integer, got {dim!r}")
+    return int(dim)
+
+
+def check_last_seq(last_seq: Any) -> int:
+    """Validate the ``last_seq`` of a snapshot (the operation-log position it includes) as an int >= 0."""
+    if isinstance(last_seq, bool) or not isinstance(last_seq, int | np.integer) or last_seq < 0:
+        raise IndexInputError(f"last_seq must be a non-negative integer, got {last_seq!r}")
+    return int(last_seq)
+
+
 def check_new_ids(ids: np.ndarray) -> None:
     """Reject ids repeated within one add call."""
     if len(ids) > 1:

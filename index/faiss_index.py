@@ -50,6 +50,7 @@ import numpy as np
 from tqdm import tqdm
 
 from index import faiss_gpu, snapshot
+from index.backend_base import TableBackedIndex, npz_writer, read_npz
 from index.base import (
     PAD_SCORE,
     AttributesLike,
@@ -61,11 +62,8 @@ from index.base import (
     SearchFilter,
     SearchResult,
     SnapshotError,
-    as_attributes,
-    as_ids,
-    as_unit_vectors,
-    check_k,
-    check_new_ids,
+    check_dim,
+    check_last_seq,
 )
 from index.faiss_attributes import AttributeTable
 from index.faiss_specs import (
@@ -95,7 +93,7 @@ _MAX_EF_WIDENING = 16
 _RETRAIN_GROWTH = 8
 
 
-class FaissIndex:
+class FaissIndex(TableBackedIndex):
     """FAISS-backed :class:`~index.base.VectorIndex` (see the module docstring for how it works).
 
     Args:
@@ -105,13 +103,12 @@ class FaissIndex:
     """
 
     backend = "faiss"
+    label = "FAISS"
 
     def __init__(self, dim: int, spec: str = "flat", **options: Any) -> None:
         if spec not in SPECS:
             raise IndexInputError(f"unknown FAISS spec '{spec}'; choose one of {list(SPECS)}")
-        if isinstance(dim, bool) or not isinstance(dim, int | np.integer) or dim < 1:
-            raise IndexInputError(f"dim must be a positive integer, got {dim!r}")
-        self.dim = int(dim)
+        self.dim = check_dim(dim)
         self.spec = spec
         self.options = FaissOptions.from_kwargs(spec, self.dim, options)
         self._lock = ReadWriteLock()
@@ -143,6 +140,7 @@ class FaissIndex:
         return available > 0
 
     def _clear_state(self) -> None:
+        """Empty the index; a trained spec goes back to untrained (it retrains on new data)."""
         store = self.spec == "ivf-pq" and self.options.rerank
         self._table = AttributeTable(self.dim, store_vectors=store)
         self._cpu: faiss.Index = (
@@ -163,21 +161,6 @@ class FaissIndex:
             )
 
     # ----------------------------------------------------------------------------------- queries
-
-    def __len__(self) -> int:
-        return len(self._table)
-
-    def __contains__(self, id: object) -> bool:
-        if isinstance(id, bool) or not isinstance(id, int | np.integer) or int(id) < 0:
-            return False
-        with self._lock.read():
-            return bool(self._table.contains(np.array([int(id)], dtype=np.int64))[0])
-
-    def contains(self, ids: Any) -> np.ndarray:
-        """Boolean array: which of ``ids`` are in the index."""
-        ids = as_ids(ids)
-        with self._lock.read():
-            return self._table.contains(ids)
 
     @property
     def is_trained(self) -> bool:
@@ -200,12 +183,6 @@ class FaissIndex:
         with self._lock.read():
             return self._table.ids()
 
-    def attributes_of(self, ids: Any) -> Any:
-        """Stored :class:`~index.base.Attributes` of present ids (KeyError for absent ones)."""
-        ids = as_ids(ids)
-        with self._lock.read():
-            return self._table.attributes_of(ids)
-
     def tune(self, **search_options: Any) -> None:
         """Change search-time knobs on a live index: ``nprobe``, ``ef_search``, ``rerank_factor``,
         ``exact_subset_limit`` (recall against speed; nothing is rebuilt)."""
@@ -222,10 +199,7 @@ class FaissIndex:
 
     def search(self, queries: Any, k: int, *, filter: SearchFilter | None = None) -> SearchResult:
         """Top-k items by cosine similarity for each query row (see the module docstring)."""
-        k = check_k(k, MAX_K)
-        q = as_unit_vectors(queries, self.dim, what="queries")
-        if filter is not None and not isinstance(filter, SearchFilter):
-            raise IndexInputError(f"filter must be a SearchFilter, got {type(filter).__name__}")
+        q, k = self._check_search(queries, k, filter)
         nq = len(q)
         with self._lock.read():
             if nq == 0 or len(self._table) == 0:
@@ -363,21 +337,11 @@ class FaissIndex:
 
     def add(self, ids: Any, vectors: Any, *, attributes: AttributesLike | None = None) -> None:
         """Add new items (ids must be new and unique); vectors are renormalised to unit length."""
-        ids = as_ids(ids)
-        x = as_unit_vectors(vectors, self.dim)
-        if len(ids) != len(x):
-            raise IndexInputError(f"got {len(ids)} ids for {len(x)} vectors; pass one id per vector")
-        attrs = as_attributes(attributes, len(ids))
-        check_new_ids(ids)
+        ids, x, attrs = self._check_add(ids, vectors, attributes)
         if len(ids) == 0:
             return
         with self._lock.write():
-            present = self._table.contains(ids)
-            if present.any():
-                raise IndexInputError(
-                    f"ids already in the index: {ids[present][:5].tolist()}; remove them first "
-                    "(an id is added once)"
-                )
+            self._reject_present_in_table(ids)
             if len(self._tombstones) and np.isin(ids, self._tombstones).any():
                 # The graph still holds the old vectors of these ids: purge before re-adding.
                 self._rebuild_hnsw()
@@ -402,30 +366,16 @@ class FaissIndex:
                 self._nlist,
             )
 
-    def remove(self, ids: Any) -> int:
-        """Remove items by id; returns how many were present (unknown ids are ignored)."""
-        ids = as_ids(ids, what="ids to remove")
-        if len(ids) == 0:
-            return 0
-        with self._lock.write():
-            removed = self._table.remove(ids)
-            if len(removed) == 0:
-                return 0
-            if self.spec == "hnsw":
-                self._tombstones = np.union1d(self._tombstones, removed)
-                if len(self._tombstones) > self.options.rebuild_fraction * self._cpu.ntotal:
-                    self._rebuild_hnsw()
-            else:
-                # FAISS's wrapper picks the selector the index needs (an array for IVF hashtables).
-                self._cpu.remove_ids(removed)
-            if self._replica is not None and self._replica.remove(removed):
-                self._replica.resync(self._cpu)
-            return len(removed)
-
-    def reset(self) -> None:
-        """Remove everything; a trained spec goes back to untrained (it retrains on new data)."""
-        with self._lock.write():
-            self._clear_state()
+    def _remove_vectors(self, removed: np.ndarray) -> None:
+        if self.spec == "hnsw":
+            self._tombstones = np.union1d(self._tombstones, removed)
+            if len(self._tombstones) > self.options.rebuild_fraction * self._cpu.ntotal:
+                self._rebuild_hnsw()
+        else:
+            # FAISS's wrapper picks the selector the index needs (an array for IVF hashtables).
+            self._cpu.remove_ids(removed)
+        if self._replica is not None and self._replica.remove(removed):
+            self._replica.resync(self._cpu)
 
     def train(self) -> None:
         """Train a trained spec now, on the vectors it holds, instead of waiting for ``train_min``.
@@ -505,8 +455,7 @@ class FaissIndex:
             last_seq: sequence number of the last operation applied to this index, so that a
                 loader replays only what came after it.
         """
-        if isinstance(last_seq, bool) or not isinstance(last_seq, int | np.integer) or last_seq < 0:
-            raise IndexInputError(f"last_seq must be a non-negative integer, got {last_seq!r}")
+        last_seq = check_last_seq(last_seq)
         with self._lock.read():
             cpu, arrays = self._cpu, self._table.to_arrays()
             arrays["tombstones"] = self._tombstones.copy()
@@ -514,20 +463,13 @@ class FaissIndex:
             def write_index(tmp: Path) -> None:
                 faiss.write_index(cpu, str(tmp))
 
-            def write_attributes(tmp: Path) -> None:
-                with open(tmp, "wb") as fh:
-                    np.savez(fh, **arrays)
-
             options = self.options.to_json()
             options.update(trained=self._trained, nlist=self._nlist, trained_size=self._trained_size)
-            return snapshot.write_snapshot(
+            return self._write_snapshot(
                 path,
-                {"index": (".faiss", write_index), "attributes": (".npz", write_attributes)},
-                spec=self.spec,
-                dim=self.dim,
+                {"index": (".faiss", write_index), "attributes": (".npz", npz_writer(arrays))},
                 count=len(self._table),
-                last_seq=int(last_seq),
-                backend=self.backend,
+                last_seq=last_seq,
                 options=options,
             )
 
@@ -542,9 +484,7 @@ class FaissIndex:
         Raises:
             SnapshotError: missing, corrupt or inconsistent snapshot (rebuild from the database).
         """
-        manifest = snapshot.verify_snapshot(path)
-        if manifest.backend != cls.backend:
-            raise SnapshotError(f"snapshot at {path} is a '{manifest.backend}' snapshot, not a FAISS one")
+        manifest = cls._verify_snapshot(path)
         saved = dict(manifest.options)
         trained = bool(saved.pop("trained", False))
         nlist = saved.pop("nlist", None)
@@ -553,8 +493,7 @@ class FaissIndex:
         index = cls(manifest.dim, manifest.spec, **saved)
         try:
             cpu = faiss.read_index(str(snapshot.file_path(path, manifest, "index")))
-            with np.load(snapshot.file_path(path, manifest, "attributes"), allow_pickle=False) as npz:
-                arrays = {name: npz[name] for name in npz.files}
+            arrays = read_npz(snapshot.file_path(path, manifest, "attributes"))
         except (RuntimeError, OSError, ValueError, KeyError) as exc:
             raise SnapshotError(f"snapshot at {path} could not be read ({exc}): rebuild the index") from exc
         if cpu.d != manifest.dim:

@@ -42,7 +42,7 @@ metric follows.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,6 +94,15 @@ class _RankingTotals:
     def __post_init__(self) -> None:
         self.first_hit_hist = np.zeros(self.max_rank, dtype=np.int64)
 
+    def add(self, chunk: _ChunkMetrics) -> None:
+        """Count the queries of one chunk: the valid ones in the sums, the others as skipped."""
+        self.ap_sum += float(chunk.ap.sum())
+        self.inp_sum += float(chunk.inp.sum())
+        self.num_valid += int(chunk.valid.sum())
+        self.num_skipped += int(chunk.valid.size - chunk.valid.sum())
+        first_rank = chunk.first_rank
+        self.first_hit_hist += np.bincount(first_rank[first_rank < self.max_rank], minlength=self.max_rank)
+
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> str:
     if value not in choices:
@@ -109,6 +118,18 @@ def _as_label_array(name: str, values: Any, length: int) -> np.ndarray:
     if arr.ndim != 1 or arr.shape[0] != length:
         raise EvaluationError(f"{name} must be a 1-D array of length {length}, got shape {arr.shape}")
     return arr
+
+
+def _label_arrays(
+    q_pids: Any, g_pids: Any, q_camids: Any, g_camids: Any, num_q: int, num_g: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The identities and cameras of ``num_q`` queries and ``num_g`` gallery items, checked."""
+    return (
+        _as_label_array("q_pids", q_pids, num_q),
+        _as_label_array("g_pids", g_pids, num_g),
+        _as_label_array("q_camids", q_camids, num_q),
+        _as_label_array("g_camids", g_camids, num_g),
+    )
 
 
 def _stable_order_float32(dist: np.ndarray) -> np.ndarray:
@@ -188,29 +209,6 @@ class _ChunkMetrics:
     first_rank: np.ndarray  # (valid,) int64, 0-based rank of the first hit among the kept items
 
 
-def _accumulate_chunk(
-    totals: _RankingTotals,
-    num_rows: int,
-    rows: np.ndarray,
-    positions: np.ndarray,
-    gallery_idx: np.ndarray,
-    q_camids: np.ndarray,
-    g_camids: np.ndarray,
-    same_camera_filter: bool,
-    ap_mode: str,
-) -> None:
-    """Turn the sorted same-identity positions of one chunk into AP, INP and first-hit ranks."""
-    chunk = _chunk_metrics(
-        num_rows, rows, positions, gallery_idx, q_camids, g_camids, same_camera_filter, ap_mode
-    )
-    totals.ap_sum += float(chunk.ap.sum())
-    totals.inp_sum += float(chunk.inp.sum())
-    totals.num_valid += int(chunk.valid.sum())
-    totals.num_skipped += int(num_rows - chunk.valid.sum())
-    first_rank = chunk.first_rank
-    totals.first_hit_hist += np.bincount(first_rank[first_rank < totals.max_rank], minlength=totals.max_rank)
-
-
 def _chunk_metrics(
     num_rows: int,
     rows: np.ndarray,
@@ -255,6 +253,51 @@ def _chunk_metrics(
     last_rank = rank0[first_hit_index[1:][valid] - 1]
     inp = num_hits[valid] / (last_rank + 1.0)
     return _ChunkMetrics(valid=valid, ap=ap, inp=inp, first_rank=first_rank)
+
+
+def _rank_in_chunks(
+    distances: Callable[[int, int], np.ndarray | torch.Tensor],
+    labels: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    device: torch.device,
+    *,
+    step: int,
+    same_camera_filter: bool,
+    ap_mode: str,
+    max_rank: int,
+    desc: str,
+) -> _RankingTotals:
+    """Rank the queries ``step`` at a time and add up their metrics.
+
+    Args:
+        distances: ``distances(start, stop)`` is the (stop - start, num_gallery) block of queries
+            ``start:stop``: a tensor on ``device`` when that is a GPU (ranked there), else numpy or a
+            CPU tensor (ranked with numpy).
+        labels: query identities, gallery identities, query cameras, gallery cameras (checked).
+    """
+    q_pids, g_pids, q_camids, g_camids = labels
+    num_q = q_pids.shape[0]
+    on_gpu = device.type != "cpu"
+    if on_gpu:
+        q_pids_t = torch.as_tensor(q_pids, device=device)
+        g_pids_t = torch.as_tensor(g_pids, device=device)
+    totals = _RankingTotals(max_rank=max_rank)
+    with torch.inference_mode():
+        for start in tqdm(range(0, num_q, step), desc=desc, unit="chunk", disable=None, leave=False):
+            stop = min(start + step, num_q)
+            dist = distances(start, stop)
+            if on_gpu:
+                assert isinstance(dist, torch.Tensor)
+                hits = _sorted_hits_torch(dist, q_pids_t[start:stop], g_pids_t)
+            else:
+                block = dist.numpy() if isinstance(dist, torch.Tensor) else np.asarray(dist)
+                hits = _sorted_hits_numpy(block, q_pids[start:stop], g_pids)
+            del dist
+            totals.add(
+                _chunk_metrics(
+                    stop - start, *hits, q_camids[start:stop], g_camids, same_camera_filter, ap_mode
+                )
+            )
+    return totals
 
 
 def _result(totals: _RankingTotals, *, protocol: str, ap_mode: str, metric: str, rerank: bool) -> dict:
@@ -330,28 +373,20 @@ def evaluate_distmat(
             f"distmat must be 2-D (num_query, num_gallery), got shape {tuple(distmat.shape)}"
         )
     num_q, num_g = distmat.shape
-    q_pids_np = _as_label_array("q_pids", q_pids, num_q)
-    g_pids_np = _as_label_array("g_pids", g_pids, num_g)
-    q_cam_np = _as_label_array("q_camids", q_camids, num_q)
-    g_cam_np = _as_label_array("g_camids", g_camids, num_g)
-    totals = _RankingTotals(max_rank=max_rank)
-    step = chunk_size or rows_per_chunk(num_g, _RANK_BYTES_PER_CELL)
-    on_gpu = isinstance(distmat, torch.Tensor) and distmat.device.type != "cpu"
-    if on_gpu:
-        assert isinstance(distmat, torch.Tensor)
-        q_pids_t = torch.as_tensor(q_pids_np, device=distmat.device)
-        g_pids_t = torch.as_tensor(g_pids_np, device=distmat.device)
-    elif isinstance(distmat, torch.Tensor):
+    labels = _label_arrays(q_pids, g_pids, q_camids, g_camids, num_q, num_g)
+    device = distmat.device if isinstance(distmat, torch.Tensor) else torch.device("cpu")
+    if isinstance(distmat, torch.Tensor) and device.type == "cpu":
         distmat = distmat.detach().numpy()
-    for start in tqdm(range(0, num_q, step), desc="ranking", unit="chunk", disable=None, leave=False):
-        stop = min(start + step, num_q)
-        if on_gpu:
-            hits = _sorted_hits_torch(distmat[start:stop], q_pids_t[start:stop], g_pids_t)
-        else:
-            hits = _sorted_hits_numpy(np.asarray(distmat[start:stop]), q_pids_np[start:stop], g_pids_np)
-        _accumulate_chunk(
-            totals, stop - start, *hits, q_cam_np[start:stop], g_cam_np, same_cam, ap_mode
-        )
+    totals = _rank_in_chunks(
+        lambda start, stop: distmat[start:stop],
+        labels,
+        device,
+        step=chunk_size or rows_per_chunk(num_g, _RANK_BYTES_PER_CELL),
+        same_camera_filter=same_cam,
+        ap_mode=ap_mode,
+        max_rank=max_rank,
+        desc="ranking",
+    )
     return _result(totals, protocol=protocol, ap_mode=ap_mode, metric=metric, rerank=rerank)
 
 
@@ -368,6 +403,37 @@ def _check_features(q_feats: Any, g_feats: Any) -> tuple[Features, Features]:
     if q.shape[0] == 0 or g.shape[0] == 0:
         raise EvaluationError(f"nothing to evaluate: {q.shape[0]} queries and {g.shape[0]} gallery items")
     return q, g
+
+
+def _check_metric(metric: str) -> None:
+    try:
+        check_metric(metric)
+    except DistanceError as err:
+        raise EvaluationError(str(err)) from None
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    try:
+        return resolve_device(device)
+    except DistanceError as err:
+        raise EvaluationError(str(err)) from None
+
+
+def _query_distances(
+    q: Features, g: Features, metric: str, device: torch.device
+) -> Callable[[int, int], torch.Tensor]:
+    """Distances of queries ``start:stop`` to the whole gallery, which is prepared once on ``device``.
+
+    Call the returned function under ``torch.inference_mode()``.
+    """
+    dtype = compute_dtype(q, g)
+    prepared = PreparedGallery(as_tensor(g, device, dtype), metric, device, dtype)
+    q_t = q if isinstance(q, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(q))
+
+    def distances(start: int, stop: int) -> torch.Tensor:
+        return prepared.distances(q_t[start:stop])
+
+    return distances
 
 
 def evaluate_features(
@@ -408,49 +474,31 @@ def evaluate_features(
     Returns:
         The dictionary of :func:`evaluate_distmat`.
     """
-    try:
-        check_metric(metric)
-    except DistanceError as err:
-        raise EvaluationError(str(err)) from None
+    _check_metric(metric)
     same_cam = _check_common(protocol, ap_mode, max_rank, None)
     q, g = _check_features(q_feats, g_feats)
     num_q, num_g = q.shape[0], g.shape[0]
-    q_pids_np = _as_label_array("q_pids", q_pids, num_q)
-    g_pids_np = _as_label_array("g_pids", g_pids, num_g)
-    q_cam_np = _as_label_array("q_camids", q_camids, num_q)
-    g_cam_np = _as_label_array("g_camids", g_camids, num_g)
-    try:
-        dev = resolve_device(device)
-    except DistanceError as err:
-        raise EvaluationError(str(err)) from None
+    labels = _label_arrays(q_pids, g_pids, q_camids, g_camids, num_q, num_g)
+    dev = _resolve_device(device)
 
     if rerank:
         return _evaluate_reranked(
-            q, g, q_pids_np, g_pids_np, q_cam_np, g_cam_np, metric=metric, ap_mode=ap_mode,
+            q, g, *labels, metric=metric, ap_mode=ap_mode,
             max_rank=max_rank, device=dev, protocol=protocol, max_memory_bytes=rerank_max_memory_bytes,
         )
 
-    dtype = compute_dtype(q, g)
-    prepared = PreparedGallery(as_tensor(g, dev, dtype), metric, dev, dtype)
     step = chunk_size or rows_per_chunk(num_g, _RANK_BYTES_PER_CELL)
     logger.debug("evaluating %d x %d on %s, %d queries per chunk", num_q, num_g, dev, step)
-    q_t = q if isinstance(q, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(q))
-    totals = _RankingTotals(max_rank=max_rank)
-    if dev.type != "cpu":
-        q_pids_t = torch.as_tensor(q_pids_np, device=dev)
-        g_pids_t = torch.as_tensor(g_pids_np, device=dev)
-    with torch.inference_mode():
-        for start in tqdm(range(0, num_q, step), desc="evaluating", unit="chunk", disable=None, leave=False):
-            stop = min(start + step, num_q)
-            dist = prepared.distances(q_t[start:stop])
-            if dev.type == "cpu":
-                hits = _sorted_hits_numpy(dist.numpy(), q_pids_np[start:stop], g_pids_np)
-            else:
-                hits = _sorted_hits_torch(dist, q_pids_t[start:stop], g_pids_t)
-            del dist
-            _accumulate_chunk(
-                totals, stop - start, *hits, q_cam_np[start:stop], g_cam_np, same_cam, ap_mode
-            )
+    totals = _rank_in_chunks(
+        _query_distances(q, g, metric, dev),
+        labels,
+        dev,
+        step=step,
+        same_camera_filter=same_cam,
+        ap_mode=ap_mode,
+        max_rank=max_rank,
+        desc="evaluating",
+    )
     return _result(totals, protocol=protocol, ap_mode=ap_mode, metric=metric, rerank=False)
 
 
@@ -600,23 +648,14 @@ def rank_queries(
     Returns:
         A :class:`QueryRanking`.
     """
-    try:
-        check_metric(metric)
-    except DistanceError as err:
-        raise EvaluationError(str(err)) from None
+    _check_metric(metric)
     same_cam = _check_common(protocol, ap_mode, 1, None)
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
         raise EvaluationError(f"top_k must be a positive integer, got {top_k!r}")
     q, g = _check_features(q_feats, g_feats)
     num_q, num_g = q.shape[0], g.shape[0]
-    q_pids_np = _as_label_array("q_pids", q_pids, num_q)
-    g_pids_np = _as_label_array("g_pids", g_pids, num_g)
-    q_cam_np = _as_label_array("q_camids", q_camids, num_q)
-    g_cam_np = _as_label_array("g_camids", g_camids, num_g)
-    try:
-        dev = resolve_device(device)
-    except DistanceError as err:
-        raise EvaluationError(str(err)) from None
+    q_pids_np, g_pids_np, q_cam_np, g_cam_np = _label_arrays(q_pids, g_pids, q_camids, g_camids, num_q, num_g)
+    dev = _resolve_device(device)
 
     step = chunk_size or rows_per_chunk(num_g, _RANK_BYTES_PER_CELL)
     if rerank:
@@ -625,15 +664,13 @@ def rank_queries(
         def distances(start: int, stop: int) -> np.ndarray:
             return final[start:stop]
     else:
-        dtype = compute_dtype(q, g)
-        prepared = PreparedGallery(as_tensor(g, dev, dtype), metric, dev, dtype)
-        q_t = q if isinstance(q, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(q))
+        device_distances = _query_distances(q, g, metric, dev)
 
         def distances(start: int, stop: int) -> np.ndarray:
             # The device computes the distances evaluate_features ranks; a stable sort of the same
             # values gives the same order on the host as torch.sort(stable=True) on the device.
             with torch.inference_mode():
-                return prepared.distances(q_t[start:stop]).cpu().numpy()
+                return device_distances(start, stop).cpu().numpy()
 
     ap = np.full(num_q, np.nan)
     inp = np.full(num_q, np.nan)

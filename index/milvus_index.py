@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from index import snapshot
+from index.backend_base import IndexBackend
 from index.base import (
     PAD_SCORE,
     AttributesLike,
@@ -61,11 +62,9 @@ from index.base import (
     SearchFilter,
     SearchResult,
     SnapshotError,
-    as_attributes,
     as_ids,
-    as_unit_vectors,
-    check_k,
-    check_new_ids,
+    check_dim,
+    check_last_seq,
 )
 
 logger = logging.getLogger(__name__)
@@ -97,7 +96,7 @@ _MAX_EF = 32_768
 _QUERIES_PER_CALL = 1024
 
 
-class MilvusIndex:
+class MilvusIndex(IndexBackend):
     """Milvus-backed :class:`~index.base.VectorIndex` (see the module docstring).
 
     Args:
@@ -117,6 +116,7 @@ class MilvusIndex:
     """
 
     backend = "milvus"
+    label = "Milvus"
 
     def __init__(
         self,
@@ -140,8 +140,7 @@ class MilvusIndex:
     ) -> None:
         if spec not in SPEC_INDEX_TYPES:
             raise IndexInputError(f"unknown Milvus spec '{spec}'; choose one of {list(SPEC_INDEX_TYPES)}")
-        if isinstance(dim, bool) or not isinstance(dim, int | np.integer) or dim < 1:
-            raise IndexInputError(f"dim must be a positive integer, got {dim!r}")
+        dim = check_dim(dim)
         if consistency_level not in ("Strong", "Bounded", "Session", "Eventually"):
             raise IndexInputError(
                 f"consistency_level must be Strong, Bounded, Session or Eventually, got {consistency_level!r}"
@@ -155,7 +154,7 @@ class MilvusIndex:
         ):
             if int(value) < 1:
                 raise IndexInputError(f"Milvus option {name} must be >= 1, got {value}")
-        self.dim = int(dim)
+        self.dim = dim
         self.spec = spec
         self.uri = str(uri)
         self.collection = collection
@@ -293,11 +292,6 @@ class MilvusIndex:
         rows = self._call("count", self._client.query, self.collection, filter="", output_fields=["count(*)"])
         return int(rows[0]["count(*)"]) if rows else 0
 
-    def __contains__(self, id: object) -> bool:
-        if isinstance(id, bool) or not isinstance(id, int | np.integer) or int(id) < 0:
-            return False
-        return bool(self.contains(np.array([int(id)]))[0])
-
     def contains(self, ids: Any) -> np.ndarray:
         """Boolean array: which of ``ids`` are in the collection."""
         ids = as_ids(ids)
@@ -321,10 +315,7 @@ class MilvusIndex:
 
     def search(self, queries: Any, k: int, *, filter: SearchFilter | None = None) -> SearchResult:
         """Top-k items by cosine similarity, the filter pushed down as a Milvus expression."""
-        k = check_k(k, MAX_K)
-        q = as_unit_vectors(queries, self.dim, what="queries")
-        if filter is not None and not isinstance(filter, SearchFilter):
-            raise IndexInputError(f"filter must be a SearchFilter, got {type(filter).__name__}")
+        q, k = self._check_search(queries, k, filter)
         nq = len(q)
         base_expr = _filter_expr(filter) if filter is not None else ""
         allowed = filter.allowed_ids if filter is not None else None
@@ -387,21 +378,11 @@ class MilvusIndex:
 
     def add(self, ids: Any, vectors: Any, *, attributes: AttributesLike | None = None) -> None:
         """Insert new items (ids must be new and unique); vectors are renormalised to unit length."""
-        ids = as_ids(ids)
-        x = as_unit_vectors(vectors, self.dim)
-        if len(ids) != len(x):
-            raise IndexInputError(f"got {len(ids)} ids for {len(x)} vectors; pass one id per vector")
-        attrs = as_attributes(attributes, len(ids))
-        check_new_ids(ids)
+        ids, x, attrs = self._check_add(ids, vectors, attributes)
         if len(ids) == 0:
             return
         with self._lock.write():
-            present = self._present(ids)
-            if len(present):
-                raise IndexInputError(
-                    f"ids already in the index: {present[:5].tolist()}; "
-                    "remove them first (an id is added once)"
-                )
+            self._reject_present(self._present(ids))
             per_call = max(1, _INSERT_BYTES // (4 * self.dim + 64))
             for start in range(0, len(ids), per_call):
                 sl = slice(start, start + per_call)
@@ -464,8 +445,7 @@ class MilvusIndex:
 
     def save(self, path: str | Path, *, last_seq: int = 0) -> snapshot.Manifest:
         """Flush the collection and write a manifest (the data stays on the server)."""
-        if isinstance(last_seq, bool) or not isinstance(last_seq, int | np.integer) or last_seq < 0:
-            raise IndexInputError(f"last_seq must be a non-negative integer, got {last_seq!r}")
+        last_seq = check_last_seq(last_seq)
         with self._lock.read():
             self._call("flush", self._client.flush, self.collection)
             count = self._count()
@@ -476,16 +456,7 @@ class MilvusIndex:
             **self._params,
             **{k: v for k, v in self._client_options.items() if isinstance(v, str | int | float | bool)},
         }
-        return snapshot.write_snapshot(
-            path,
-            {},
-            spec=self.spec,
-            dim=self.dim,
-            count=count,
-            last_seq=int(last_seq),
-            backend=self.backend,
-            options=options,
-        )
+        return self._write_snapshot(path, {}, count=count, last_seq=last_seq, options=options)
 
     @classmethod
     def load(cls, path: str | Path, *, token: str | None = None, **overrides: Any) -> MilvusIndex:
@@ -499,9 +470,7 @@ class MilvusIndex:
         Raises:
             SnapshotError: unreadable manifest, or the collection no longer exists on the server.
         """
-        manifest = snapshot.verify_snapshot(path)
-        if manifest.backend != cls.backend:
-            raise SnapshotError(f"snapshot at {path} is a '{manifest.backend}' snapshot, not a Milvus one")
+        manifest = cls._verify_snapshot(path)
         options = {**manifest.options, **overrides}
         uri, collection = str(options.pop("uri")), str(options.pop("collection"))
         client = _connect(

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from index import snapshot
+from index.backend_base import TableBackedIndex, npz_writer, read_npz
 from index.base import (
     PAD_SCORE,
     Attributes,
@@ -56,11 +57,10 @@ from index.base import (
     SearchFilter,
     SearchResult,
     SnapshotError,
-    as_attributes,
     as_ids,
     as_unit_vectors,
-    check_k,
-    check_new_ids,
+    check_dim,
+    check_last_seq,
 )
 from index.faiss_attributes import AttributeTable
 
@@ -116,7 +116,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-class TorchIndex:
+class TorchIndex(TableBackedIndex):
     """Exact (flat) :class:`~index.base.VectorIndex` on a torch device (see the module docstring).
 
     Args:
@@ -131,6 +131,7 @@ class TorchIndex:
     """
 
     backend = "torch"
+    label = "torch"
 
     def __init__(
         self,
@@ -147,13 +148,12 @@ class TorchIndex:
                 f"the torch backend has only spec 'flat' (exact search), not {spec!r}; use the faiss "
                 "backend for approximate specs"
             )
-        if isinstance(dim, bool) or not isinstance(dim, int | np.integer) or dim < 1:
-            raise IndexInputError(f"dim must be a positive integer, got {dim!r}")
+        dim = check_dim(dim)
         if int(score_bytes) < 1 << 16:
             raise IndexInputError(f"score_bytes must be at least 65536, got {score_bytes}")
         if int(exact_subset_limit) < 0:
             raise IndexInputError(f"exact_subset_limit must be >= 0, got {exact_subset_limit}")
-        self.dim = int(dim)
+        self.dim = dim
         self.spec = spec
         self._requested_device = None if device is None else str(device)
         self.device = _resolve_device(device)
@@ -173,37 +173,17 @@ class TorchIndex:
         self._clear_state()
 
     def _clear_state(self) -> None:
+        """Empty the index and release the device memory of its vectors."""
         self._table = AttributeTable(self.dim)
         self._ids = np.zeros(0, dtype=np.int64)  # ascending; row i of _vectors holds id _ids[i]
         self._vectors = torch.empty((_MIN_CAPACITY, self.dim), dtype=self.dtype, device=self.device)
 
     # ---------------------------------------------------------------------------------- queries
 
-    def __len__(self) -> int:
-        return len(self._ids)
-
-    def __contains__(self, id: object) -> bool:
-        if isinstance(id, bool) or not isinstance(id, int | np.integer) or int(id) < 0:
-            return False
-        with self._lock.read():
-            return bool(self._table.contains(np.array([int(id)], dtype=np.int64))[0])
-
-    def contains(self, ids: Any) -> np.ndarray:
-        """Boolean array: which of ``ids`` are in the index."""
-        ids = as_ids(ids)
-        with self._lock.read():
-            return self._table.contains(ids)
-
     def ids(self) -> np.ndarray:
         """All item ids, ascending."""
         with self._lock.read():
             return self._ids.copy()
-
-    def attributes_of(self, ids: Any) -> Any:
-        """Stored :class:`~index.base.Attributes` of present ids (KeyError for absent ones)."""
-        ids = as_ids(ids)
-        with self._lock.read():
-            return self._table.attributes_of(ids)
 
     def vectors_of(self, ids: Any) -> np.ndarray:
         """Stored unit vectors of present ids, as float32 (KeyError for absent ones)."""
@@ -249,10 +229,7 @@ class TorchIndex:
 
         ``queries`` may be a float array-like or a torch tensor (on any device).
         """
-        k = check_k(k, MAX_K)
-        if filter is not None and not isinstance(filter, SearchFilter):
-            raise IndexInputError(f"filter must be a SearchFilter, got {type(filter).__name__}")
-        q = self._unit_tensor(queries, what="queries")
+        q, k = self._check_search(queries, k, filter)
         nq = q.shape[0]
         with self._lock.read():
             n = len(self._ids)
@@ -326,7 +303,7 @@ class TorchIndex:
 
     # -------------------------------------------------------------------------------- mutations
 
-    def _unit_tensor(self, vectors: Any, *, what: str = "vectors") -> torch.Tensor:
+    def _unit_vectors(self, vectors: Any, *, what: str = "vectors") -> torch.Tensor:
         """Validated, L2-normalised float32 ``(n, dim)`` tensor on the index's device."""
         if isinstance(vectors, torch.Tensor):
             x = vectors.detach()
@@ -360,24 +337,14 @@ class TorchIndex:
 
         ``vectors`` may be a float array-like or a torch tensor (on any device).
         """
-        ids = as_ids(ids)
-        x = self._unit_tensor(vectors)
-        if len(ids) != x.shape[0]:
-            raise IndexInputError(f"got {len(ids)} ids for {x.shape[0]} vectors; pass one id per vector")
-        attrs = as_attributes(attributes, len(ids))
-        check_new_ids(ids)
+        ids, x, attrs = self._check_add(ids, vectors, attributes)
         if len(ids) == 0:
             return
         order = np.argsort(ids, kind="stable")
         ids = ids[order]
         x = x[torch.from_numpy(order).to(self.device)].to(self.dtype)
         with self._lock.write():
-            present = self._table.contains(ids)
-            if present.any():
-                raise IndexInputError(
-                    f"ids already in the index: {ids[present][:5].tolist()}; remove them first "
-                    "(an id is added once)"
-                )
+            self._reject_present_in_table(ids)
             n, m = len(self._ids), len(ids)
             self._reserve(n + m)
             if n == 0 or ids[0] > self._ids[-1]:
@@ -400,35 +367,19 @@ class TorchIndex:
         grown[:n] = self._vectors[:n]
         self._vectors = grown
 
-    def remove(self, ids: Any) -> int:
-        """Remove items by id; returns how many were present (unknown ids are ignored)."""
-        ids = as_ids(ids, what="ids to remove")
-        if len(ids) == 0:
-            return 0
-        with self._lock.write():
-            removed = self._table.remove(ids)
-            if len(removed) == 0:
-                return 0
-            keep = np.ones(len(self._ids), dtype=bool)
-            keep[self._rows_of(removed)] = False
-            rows = torch.from_numpy(np.flatnonzero(keep)).to(self.device)
-            m = int(keep.sum())
-            if m < self._vectors.shape[0] // 4 and self._vectors.shape[0] > _MIN_CAPACITY:
-                # Give memory back after large removals (a 1M x 768 gallery holds 1.5 GB).
-                shrunk = torch.empty(
-                    (max(_MIN_CAPACITY, 2 * m), self.dim), dtype=self.dtype, device=self.device
-                )
-                shrunk[:m] = self._vectors[rows]
-                self._vectors = shrunk
-            else:
-                self._vectors[:m] = self._vectors[rows]  # the gather copies before the write
-            self._ids = self._ids[keep]
-            return len(removed)
-
-    def reset(self) -> None:
-        """Remove every item (and release the device memory)."""
-        with self._lock.write():
-            self._clear_state()
+    def _remove_vectors(self, removed: np.ndarray) -> None:
+        keep = np.ones(len(self._ids), dtype=bool)
+        keep[self._rows_of(removed)] = False
+        rows = torch.from_numpy(np.flatnonzero(keep)).to(self.device)
+        m = int(keep.sum())
+        if m < self._vectors.shape[0] // 4 and self._vectors.shape[0] > _MIN_CAPACITY:
+            # Give memory back after large removals (a 1M x 768 gallery holds 1.5 GB).
+            shrunk = torch.empty((max(_MIN_CAPACITY, 2 * m), self.dim), dtype=self.dtype, device=self.device)
+            shrunk[:m] = self._vectors[rows]
+            self._vectors = shrunk
+        else:
+            self._vectors[:m] = self._vectors[rows]  # the gather copies before the write
+        self._ids = self._ids[keep]
 
     # ------------------------------------------------------------------------------ persistence
 
@@ -448,8 +399,7 @@ class TorchIndex:
             last_seq: sequence number of the last operation applied to this index, so that a
                 loader replays only what came after it.
         """
-        if isinstance(last_seq, bool) or not isinstance(last_seq, int | np.integer) or last_seq < 0:
-            raise IndexInputError(f"last_seq must be a non-negative integer, got {last_seq!r}")
+        last_seq = check_last_seq(last_seq)
         with self._lock.read():
             n = len(self._ids)
             vectors = self._vectors[:n].cpu()
@@ -462,18 +412,11 @@ class TorchIndex:
                 with open(tmp, "wb") as fh:
                     np.save(fh, array, allow_pickle=False)
 
-            def write_attributes(tmp: Path) -> None:
-                with open(tmp, "wb") as fh:
-                    np.savez(fh, **arrays)
-
-            return snapshot.write_snapshot(
+            return self._write_snapshot(
                 path,
-                {"index": (".npy", write_vectors), "attributes": (".npz", write_attributes)},
-                spec=self.spec,
-                dim=self.dim,
+                {"index": (".npy", write_vectors), "attributes": (".npz", npz_writer(arrays))},
                 count=n,
-                last_seq=int(last_seq),
-                backend=self.backend,
+                last_seq=last_seq,
                 options=self._options(),
             )
 
@@ -488,15 +431,12 @@ class TorchIndex:
         Raises:
             SnapshotError: missing, corrupt or inconsistent snapshot (rebuild from the database).
         """
-        manifest = snapshot.verify_snapshot(path)
-        if manifest.backend != cls.backend:
-            raise SnapshotError(f"snapshot at {path} is a '{manifest.backend}' snapshot, not a torch one")
+        manifest = cls._verify_snapshot(path)
         options = {**manifest.options, **overrides}
         index = cls(manifest.dim, manifest.spec, **options)
         try:
             vectors = np.load(snapshot.file_path(path, manifest, "index"), allow_pickle=False)
-            with np.load(snapshot.file_path(path, manifest, "attributes"), allow_pickle=False) as npz:
-                arrays = {name: npz[name] for name in npz.files}
+            arrays = read_npz(snapshot.file_path(path, manifest, "attributes"))
             table = AttributeTable.from_arrays(manifest.dim, arrays, store_vectors=False)
         except (OSError, ValueError, KeyError) as exc:
             raise SnapshotError(f"snapshot at {path} could not be read ({exc}): rebuild the index") from exc

@@ -63,6 +63,18 @@ def content_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _accepted_format(data: bytes, name: str) -> str:
+    """The format of ``data`` judged by its content; UnsupportedImageError when empty or not accepted."""
+    if not data:
+        raise UnsupportedImageError(f"{name} is empty (0 bytes): send a JPEG, PNG or WebP file")
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise UnsupportedImageError(
+            f"{name} is not a JPEG, PNG or WebP image (judged by its content, not its name)"
+        )
+    return fmt
+
+
 def decode_image(data: bytes, *, max_pixels: int, name: str = "image") -> DecodedImage:
     """Decode image bytes into an RGB PIL image, refusing anything unsafe or unsupported.
 
@@ -74,13 +86,7 @@ def decode_image(data: bytes, *, max_pixels: int, name: str = "image") -> Decode
     Raises:
         UnsupportedImageError, ImageTooLargeError, ImageDecodeError.
     """
-    if not data:
-        raise UnsupportedImageError(f"{name} is empty (0 bytes): send a JPEG, PNG or WebP file")
-    fmt = sniff_format(data)
-    if fmt is None:
-        raise UnsupportedImageError(
-            f"{name} is not a JPEG, PNG or WebP image (judged by its content, not its name)"
-        )
+    fmt = _accepted_format(data, name)
     try:
         with warnings.catch_warnings():
             # Pillow warns past MAX_IMAGE_PIXELS and raises past twice that; a warning is a refusal here.
@@ -168,13 +174,7 @@ def probe_image(data: bytes, *, max_pixels: int, name: str = "image") -> ImageIn
     Raises:
         UnsupportedImageError, ImageTooLargeError, ImageDecodeError (unreadable header).
     """
-    if not data:
-        raise UnsupportedImageError(f"{name} is empty (0 bytes): send a JPEG, PNG or WebP file")
-    fmt = sniff_format(data)
-    if fmt is None:
-        raise UnsupportedImageError(
-            f"{name} is not a JPEG, PNG or WebP image (judged by its content, not its name)"
-        )
+    fmt = _accepted_format(data, name)
     if fmt == "JPEG" and (frame := jpeg_frame(data)) is not None:
         # The frame header alone, read in microseconds: Pillow's parser costs ~50 us of GIL time
         # per image, which would cap a decode pool far below a GPU's appetite.

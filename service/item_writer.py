@@ -72,11 +72,17 @@ class StoredItem:
     created_at: dt.datetime
 
 
-def gallery_model_ids(session: Session, gallery_id: int) -> set[int]:
-    """The model versions every new item of the gallery must be embedded with."""
+def _existing_gallery(session: Session, gallery_id: int) -> Gallery:
+    """The gallery's row; GalleryGoneError when it was deleted (e.g. while a job was running)."""
     gallery = session.get(Gallery, gallery_id)
     if gallery is None:
         raise GalleryGoneError(f"gallery {gallery_id} no longer exists")
+    return gallery
+
+
+def gallery_model_ids(session: Session, gallery_id: int) -> set[int]:
+    """The model versions every new item of the gallery must be embedded with."""
+    gallery = _existing_gallery(session, gallery_id)
     ids = {gallery.model_id}
     if gallery.standby_model_id is not None:
         ids.add(gallery.standby_model_id)
@@ -232,8 +238,7 @@ class ItemWriter:
         rows = {item_id: row for row, item_id in enumerate(item_ids)}
         with state.write_lock:
             with transaction(self._sessions) as session:
-                if session.get(Gallery, gallery_id) is None:
-                    raise GalleryGoneError(f"gallery {gallery_id} no longer exists")
+                _existing_gallery(session, gallery_id)
                 items = session.scalars(
                     select(Item).where(Item.id.in_(list(item_ids)), Item.status == "active").order_by(Item.id)
                 ).all()
@@ -263,9 +268,7 @@ class ItemWriter:
         state = self._state(gallery_id)
         with state.write_lock:
             with transaction(self._sessions) as session:
-                gallery = session.get(Gallery, gallery_id)
-                if gallery is None:
-                    raise GalleryGoneError(f"gallery {gallery_id} no longer exists")
+                gallery = _existing_gallery(session, gallery_id)
                 if gallery.model_id == model_id:
                     raise ValueError("the gallery already uses this model version")
                 previous = gallery.standby_model_id
@@ -300,9 +303,7 @@ class ItemWriter:
         state = self._state(gallery_id)
         with state.write_lock:
             with transaction(self._sessions) as session:
-                gallery = session.get(Gallery, gallery_id)
-                if gallery is None:
-                    raise GalleryGoneError(f"gallery {gallery_id} no longer exists")
+                gallery = _existing_gallery(session, gallery_id)
                 if gallery.standby_model_id is None or not gallery.standby_ready:
                     raise StandbyNotReadyError(
                         "the gallery has no complete standby index: run a re-embed job first"
@@ -323,9 +324,7 @@ class ItemWriter:
         state = self._state(gallery_id)
         with state.write_lock:
             with transaction(self._sessions) as session:
-                gallery = session.get(Gallery, gallery_id)
-                if gallery is None:
-                    raise GalleryGoneError(f"gallery {gallery_id} no longer exists")
+                gallery = _existing_gallery(session, gallery_id)
                 standby = gallery.standby_model_id
                 gallery.standby_model_id = None
                 gallery.standby_ready = False

@@ -323,24 +323,48 @@ def _stem_head(module: str, head_index: int) -> str | None:
     return None
 
 
+def _numbered_blocks(
+    modules: Sequence[str],
+    blocks: Sequence[str],
+    block_re: re.Pattern[str],
+    subs: dict[str, dict[str, str]],
+    expansion_module: Callable[[int], str],
+) -> dict[str, str]:
+    """Map the modules of one flat run of numbered blocks onto timm's blocks, in order.
+
+    Args:
+        modules, blocks: the source's module names and timm's block prefixes (``blocks.S.I``).
+        block_re: matches a block's module; group 1 is the block number, group 2 the module in it.
+        subs: module renames of an inverted-residual (``ir``) and a depthwise-separable (``ds``) block.
+        expansion_module: the module whose presence makes block ``n`` an inverted residual.
+
+    Returns:
+        ``{source module: timm module}``; blocks past timm's last are left out.
+    """
+    present = set(modules)
+    order = sorted({int(m[1]) for p in modules if (m := block_re.fullmatch(p))})
+    position = {n: i for i, n in enumerate(order)}
+    out: dict[str, str] = {}
+    for module in modules:
+        if (m := block_re.fullmatch(module)) is None:
+            continue
+        n = int(m[1])
+        if position[n] >= len(blocks):
+            continue
+        kind = "ir" if expansion_module(n) in present else "ds"
+        if (name := subs[kind].get(m[2])) is not None:
+            out[module] = f"{blocks[position[n]]}.{name}"
+    return out
+
+
 def _features_mobilenetv2(subs: dict[str, dict[str, str]], ir_marker: str) -> ModuleMap:
     block_re = re.compile(r"features\.(\d+)\.conv\.(.+)")
 
     def modules_map(modules: Sequence[str], blocks: Sequence[str]) -> dict[str, str]:
-        present = set(modules)
-        order = sorted({int(m[1]) for p in modules if (m := block_re.fullmatch(p))})
-        position = {n: i for i, n in enumerate(order)}
+        out = _numbered_blocks(modules, blocks, block_re, subs, lambda n: f"features.{n}.conv.{ir_marker}")
         head = max((int(m[1]) for p in modules if (m := _STEM_HEAD_RE.fullmatch(p))), default=0)
-        out: dict[str, str] = {}
         for module in modules:
-            if (m := block_re.fullmatch(module)) is not None:
-                n = int(m[1])
-                if position[n] >= len(blocks):
-                    continue
-                kind = "ir" if f"features.{n}.conv.{ir_marker}" in present else "ds"
-                if (name := subs[kind].get(m[2])) is not None:
-                    out[module] = f"{blocks[position[n]]}.{name}"
-            elif (name := _stem_head(module, head)) is not None:
+            if (name := _stem_head(module, head)) is not None:
                 out[module] = name
             elif module == "classifier.1":  # Sequential(Dropout, Linear) in both layouts
                 out[module] = "classifier"
@@ -369,9 +393,6 @@ def _torchvision_efficientnet(modules: Sequence[str], blocks: Sequence[str]) -> 
 
 def _efficientnet_pytorch(modules: Sequence[str], blocks: Sequence[str]) -> dict[str, str]:
     block_re = re.compile(r"_blocks\.(\d+)\.(.+)")
-    present = set(modules)
-    order = sorted({int(m[1]) for p in modules if (m := block_re.fullmatch(p))})
-    position = {n: i for i, n in enumerate(order)}
     fixed = {
         "_conv_stem": "conv_stem",
         "_bn0": "bn1",
@@ -379,17 +400,8 @@ def _efficientnet_pytorch(modules: Sequence[str], blocks: Sequence[str]) -> dict
         "_bn1": "bn2",
         "_fc": "classifier",
     }
-    out: dict[str, str] = {}
-    for module in modules:
-        if (m := block_re.fullmatch(module)) is not None:
-            n = int(m[1])
-            if position[n] >= len(blocks):
-                continue
-            kind = "ir" if f"_blocks.{n}._expand_conv" in present else "ds"
-            if (name := _EFFNET_PYTORCH[kind].get(m[2])) is not None:
-                out[module] = f"{blocks[position[n]]}.{name}"
-        elif module in fixed:
-            out[module] = fixed[module]
+    out = _numbered_blocks(modules, blocks, block_re, _EFFNET_PYTORCH, lambda n: f"_blocks.{n}._expand_conv")
+    out.update({module: fixed[module] for module in modules if module in fixed})
     return out
 
 

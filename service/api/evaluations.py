@@ -12,8 +12,9 @@ from service.api import idempotency
 from service.api.deps import DbSession, EvaluationId, Scope, State, authorize
 from service.api.galleries import resolve_model
 from service.api.jobs import check_dataset_root, check_layout, create_job_idempotently
-from service.api.problems import PROBLEM_RESPONSES, Problem, not_found
-from service.api.schemas import EvaluationCreate, EvaluationOut, Page, decode_cursor, encode_cursor
+from service.api.pagination import cursor_after, page_of, page_query
+from service.api.problems import PROBLEM_RESPONSES, not_found
+from service.api.schemas import EvaluationCreate, EvaluationOut, Page
 from service.db.models import Evaluation, Job, ModelRow
 from service.limits import check_job_images, count_dataset_images
 
@@ -114,20 +115,12 @@ def list_evaluations(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: str | None = None,
 ) -> Page[EvaluationOut]:
-    try:
-        after = decode_cursor(cursor)
-    except ValueError as exc:
-        raise Problem(
-            400, "Invalid cursor", "Pass back the next_cursor of a previous page.", slug="invalid-cursor"
-        ) from exc
-    stmt = select(Evaluation).where(Evaluation.id > after)
+    after = cursor_after(cursor)
+    stmt = select(Evaluation)
     if model is not None:
         stmt = stmt.where(Evaluation.model_id.in_(select(ModelRow.id).where(ModelRow.name == model)))
-    rows = session.scalars(stmt.order_by(Evaluation.id).limit(limit + 1)).unique().all()
-    return Page[EvaluationOut](
-        items=[evaluation_out(r) for r in rows[:limit]],
-        next_cursor=encode_cursor(rows[limit - 1].id) if len(rows) > limit else None,
-    )
+    rows = session.scalars(page_query(stmt, Evaluation.id, after, limit)).unique().all()
+    return page_of(rows, limit, EvaluationOut, evaluation_out)
 
 
 @router.get(

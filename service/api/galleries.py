@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from service.api.deps import DbSession, GalleryId, Scope, State, authorize
 from service.api.jobs import accepted, job_out
+from service.api.pagination import cursor_after, page_of, page_query
 from service.api.problems import PROBLEM_RESPONSES, Problem, not_found
 from service.api.schemas import (
     GalleryCreate,
@@ -23,8 +24,6 @@ from service.api.schemas import (
     SnapshotOut,
     StandbyOut,
     SwitchModel,
-    decode_cursor,
-    encode_cursor,
 )
 from service.db.models import Gallery, IndexSnapshot, Item, Job
 from service.db.session import transaction
@@ -137,21 +136,9 @@ def list_galleries(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: str | None = None,
 ) -> Page[GalleryOut]:
-    try:
-        after = decode_cursor(cursor)
-    except ValueError as exc:
-        raise Problem(
-            400, "Invalid cursor", "Pass back the next_cursor of a previous page.", slug="invalid-cursor"
-        ) from exc
-    rows = (
-        session.scalars(select(Gallery).where(Gallery.id > after).order_by(Gallery.id).limit(limit + 1))
-        .unique()
-        .all()
-    )
-    return Page[GalleryOut](
-        items=[gallery_out(state, session, g) for g in rows[:limit]],
-        next_cursor=encode_cursor(rows[limit - 1].id) if len(rows) > limit else None,
-    )
+    after = cursor_after(cursor)
+    rows = session.scalars(page_query(select(Gallery), Gallery.id, after, limit)).unique().all()
+    return page_of(rows, limit, GalleryOut, lambda g: gallery_out(state, session, g))
 
 
 @router.get("/{gallery_id}", summary="Describe a gallery", dependencies=[Read])

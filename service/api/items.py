@@ -14,8 +14,9 @@ from sqlalchemy.orm import Session
 
 from service.api import idempotency
 from service.api.deps import DbSession, GalleryId, ItemId, Scope, State, authorize
+from service.api.pagination import cursor_after, page_of, page_query
 from service.api.problems import PROBLEM_RESPONSES, Problem, not_found, problem_responses
-from service.api.schemas import ItemOut, Page, SortOrder, decode_cursor, encode_cursor
+from service.api.schemas import ItemOut, Page, SortOrder
 from service.api.uploads import decode_uploads, embed_decoded, parse_time, per_image, read_uploads
 from service.db.models import Gallery, Item
 from service.image_store import ImageMissingError
@@ -199,17 +200,8 @@ def list_items(
 ) -> Page[ItemOut]:
     if session.get(Gallery, gallery_id) is None:
         raise not_found("Gallery", gallery_id)
-    try:
-        after = decode_cursor(cursor)
-    except ValueError as exc:
-        raise Problem(
-            400, "Invalid cursor", "Pass back the next_cursor of a previous page.", slug="invalid-cursor"
-        ) from exc
+    after = cursor_after(cursor)
     stmt = select(Item).where(Item.gallery_id == gallery_id)
-    if order == "desc":
-        stmt = stmt.where(Item.id < after) if after else stmt
-    else:
-        stmt = stmt.where(Item.id > after)
     if not include_deleted:
         stmt = stmt.where(Item.status == "active")
     if identity is not None:
@@ -221,12 +213,8 @@ def list_items(
         stmt = stmt.where(Item.captured_at >= start)
     if end is not None:
         stmt = stmt.where(Item.captured_at <= end)
-    by_id = Item.id.desc() if order == "desc" else Item.id
-    rows = session.scalars(stmt.order_by(by_id).limit(limit + 1)).all()
-    return Page[ItemOut](
-        items=[item_out(i) for i in rows[:limit]],
-        next_cursor=encode_cursor(rows[limit - 1].id) if len(rows) > limit else None,
-    )
+    rows = session.scalars(page_query(stmt, Item.id, after, limit, order)).all()
+    return page_of(rows, limit, ItemOut, item_out)
 
 
 def _get_item(session: Any, gallery_id: int, item_id: int) -> Item:

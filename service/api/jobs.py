@@ -12,6 +12,7 @@ from sqlalchemy.exc import IntegrityError
 
 from service.api import idempotency
 from service.api.deps import MAX_INT_ID, DbSession, GalleryId, JobId, Scope, State, authorize
+from service.api.pagination import cursor_after, page_of, page_query
 from service.api.problems import PROBLEM_RESPONSES, Problem, not_found, problem_responses
 from service.api.schemas import (
     IngestCreate,
@@ -19,8 +20,6 @@ from service.api.schemas import (
     JobOut,
     Page,
     SortOrder,
-    decode_cursor,
-    encode_cursor,
 )
 from service.db.models import Gallery, Job, JobError, utcnow
 from service.db.session import transaction
@@ -204,22 +203,15 @@ def list_jobs(
     cursor: str | None = None,
     order: Annotated[SortOrder, Query(description="By id: asc, oldest first; desc, newest first.")] = "asc",
 ) -> Page[JobOut]:
-    after = _cursor(cursor)
-    if order == "desc":
-        stmt = select(Job).where(Job.id < after) if after else select(Job)
-    else:
-        stmt = select(Job).where(Job.id > after)
+    stmt = select(Job)
     if gallery_id is not None:
         stmt = stmt.where(Job.gallery_id == gallery_id)
     if kind is not None:
         stmt = stmt.where(Job.kind == kind)
     if status is not None:
         stmt = stmt.where(Job.status == status)
-    rows = session.scalars(stmt.order_by(Job.id.desc() if order == "desc" else Job.id).limit(limit + 1)).all()
-    return Page[JobOut](
-        items=[job_out(j) for j in rows[:limit]],
-        next_cursor=encode_cursor(rows[limit - 1].id) if len(rows) > limit else None,
-    )
+    rows = session.scalars(page_query(stmt, Job.id, cursor_after(cursor), limit, order)).all()
+    return page_of(rows, limit, JobOut, job_out)
 
 
 @router.get("/jobs/{job_id}", summary="A job's status and progress", dependencies=[Read])
@@ -253,25 +245,11 @@ def job_errors(
 ) -> Page[JobErrorOut]:
     if session.get(Job, job_id) is None:
         raise not_found("Job", job_id)
-    rows = session.scalars(
-        select(JobError)
-        .where(JobError.job_id == job_id, JobError.id > _cursor(cursor))
-        .order_by(JobError.id)
-        .limit(limit + 1)
-    ).all()
-    return Page[JobErrorOut](
-        items=[
-            JobErrorOut(id=r.id, source=r.source, error=r.error, created_at=r.created_at)
-            for r in rows[:limit]
-        ],
-        next_cursor=encode_cursor(rows[limit - 1].id) if len(rows) > limit else None,
+    stmt = select(JobError).where(JobError.job_id == job_id)
+    rows = session.scalars(page_query(stmt, JobError.id, cursor_after(cursor), limit)).all()
+    return page_of(
+        rows,
+        limit,
+        JobErrorOut,
+        lambda r: JobErrorOut(id=r.id, source=r.source, error=r.error, created_at=r.created_at),
     )
-
-
-def _cursor(cursor: str | None) -> int:
-    try:
-        return decode_cursor(cursor)
-    except ValueError as exc:
-        raise Problem(
-            400, "Invalid cursor", "Pass back the next_cursor of a previous page.", slug="invalid-cursor"
-        ) from exc

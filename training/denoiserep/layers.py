@@ -9,6 +9,9 @@ Both classes subclass the layer they replace and *reuse its Parameter objects* f
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -94,6 +97,28 @@ class DenoisingLayer:
     bias: nn.Parameter | None
     training: bool
     _loss_sum: torch.Tensor | None
+    #: The pure fusion of this layer type: (W, b, D, d, c1=, c3=) -> (W', b').
+    _fuse: ClassVar[Callable[..., tuple[torch.Tensor, torch.Tensor | None]]]
+
+    def _adopt(
+        self,
+        source: nn.Module,
+        step: StepCoefficients,
+        settings: dict,
+        denoiser_shape: tuple[int, ...],
+        bias_shape: tuple[int, ...] | None,
+    ) -> None:
+        """Take over ``source``'s weight and bias Parameter objects, then add a zero denoiser.
+
+        Reusing the Parameters (not copies) keeps an optimiser built before conversion working.
+        """
+        self.weight = source.weight
+        self.bias = source.bias
+        self.step = step
+        self.settings = settings
+        self.source_class = type(source)
+        self._init_denoiser(denoiser_shape, bias_shape)
+        self.train(source.training)  # type: ignore[attr-defined]
 
     def _init_denoiser(self, denoiser_shape: tuple[int, ...], bias_shape: tuple[int, ...] | None) -> None:
         # D = 0, d = 0: a freshly converted layer computes c3 * (its old output) for convs and
@@ -116,7 +141,10 @@ class DenoisingLayer:
 
     def fused_parameters(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The fused (W', b'); differentiable when ``dtype`` is None, else computed in ``dtype``, detached."""
-        raise NotImplementedError
+        tensors = (self.weight, self.bias, self.denoiser_weight, self.denoiser_bias)
+        if dtype is not None:
+            tensors = tuple(None if t is None else t.detach().to(dtype) for t in tensors)
+        return self._fuse(*tensors, c1=self.step.c1, c3=self.step.c3)
 
     def _records_loss(self) -> bool:
         # Only when the denoiser is being trained: in the backbone phase the loss would be a constant
@@ -164,8 +192,10 @@ class DenoisingLayer:
         state["_loss_sum"] = None
         return state
 
-    def _describe_step(self) -> str:
-        return f"t={self.step.t}, c1={self.step.c1:.4g}, c3={self.step.c3:.6g}"
+    def extra_repr(self) -> str:
+        # The layer's own description (Linear / Conv2d, next in the MRO), then its timestep.
+        step = f"t={self.step.t}, c1={self.step.c1:.4g}, c3={self.step.c3:.6g}"
+        return f"{super().extra_repr()}, {step}"  # type: ignore[misc]
 
 
 class DenoisingLinear(DenoisingLayer, nn.Linear):
@@ -176,24 +206,13 @@ class DenoisingLinear(DenoisingLayer, nn.Linear):
     the detached input. Works on any input whose last dimension is the feature (2-D, 3-D tokens...).
     """
 
+    _fuse = staticmethod(fuse_linear_parameters)
+
     def __init__(self, source: nn.Linear, step: StepCoefficients, settings: dict) -> None:
         # Built on the meta device so no throw-away weight is allocated; the real ones are the source's.
         super().__init__(source.in_features, source.out_features, bias=source.bias is not None, device="meta")
-        self.weight = source.weight
-        self.bias = source.bias
-        self.step = step
-        self.settings = settings
-        self.source_class = type(source)
         n = self.in_features
-        self._init_denoiser((n, n), None if source.bias is None else (n,))
-        self.train(source.training)
-
-    def fused_parameters(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The fused (W', b'); differentiable when ``dtype`` is None, else computed in ``dtype``, detached."""
-        tensors = (self.weight, self.bias, self.denoiser_weight, self.denoiser_bias)
-        if dtype is not None:
-            tensors = tuple(None if t is None else t.detach().to(dtype) for t in tensors)
-        return fuse_linear_parameters(*tensors, c1=self.step.c1, c3=self.step.c3)
+        self._adopt(source, step, settings, (n, n), None if source.bias is None else (n,))
 
     def denoise(self, x: torch.Tensor) -> torch.Tensor:
         """One posterior-mean reverse step on the layer input: ``c3 x - c1 (D x + d)``."""
@@ -214,9 +233,6 @@ class DenoisingLinear(DenoisingLayer, nn.Linear):
         plain = self.source_class(self.in_features, self.out_features, bias=bias is not None, device="meta")
         return _fill(plain, self, weight, bias)
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, {self._describe_step()}"
-
 
 class DenoisingConv2d(DenoisingLayer, nn.Conv2d):
     """A Conv2d with an output-side 1x1 denoiser, block-diagonal by group; D is (groups, out/g, out/g).
@@ -226,6 +242,8 @@ class DenoisingConv2d(DenoisingLayer, nn.Conv2d):
     detached conv output. The denoiser sits on the output because denoising the *input* of a padded
     k x k conv is not a k x k conv at the border, while a 1x1 map after a conv always composes into it.
     """
+
+    _fuse = staticmethod(fuse_conv_parameters)
 
     def __init__(self, source: nn.Conv2d, step: StepCoefficients, settings: dict) -> None:
         super().__init__(
@@ -240,23 +258,9 @@ class DenoisingConv2d(DenoisingLayer, nn.Conv2d):
             padding_mode=source.padding_mode,
             device="meta",
         )
-        self.weight = source.weight
-        self.bias = source.bias
-        self.step = step
-        self.settings = settings
-        self.source_class = type(source)
         group_out = self.out_channels // self.groups
-        self._init_denoiser(
-            (self.groups, group_out, group_out), None if source.bias is None else (self.out_channels,)
-        )
-        self.train(source.training)
-
-    def fused_parameters(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The fused (W', b'); differentiable when ``dtype`` is None, else computed in ``dtype``, detached."""
-        tensors = (self.weight, self.bias, self.denoiser_weight, self.denoiser_bias)
-        if dtype is not None:
-            tensors = tuple(None if t is None else t.detach().to(dtype) for t in tensors)
-        return fuse_conv_parameters(*tensors, c1=self.step.c1, c3=self.step.c3)
+        bias_shape = None if source.bias is None else (self.out_channels,)
+        self._adopt(source, step, settings, (self.groups, group_out, group_out), bias_shape)
 
     def predict_noise(self, y: torch.Tensor) -> torch.Tensor:
         """``D y + d`` on a conv output, as a grouped 1x1 conv."""
@@ -296,9 +300,6 @@ class DenoisingConv2d(DenoisingLayer, nn.Conv2d):
             device="meta",
         )
         return _fill(plain, self, weight, bias)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, {self._describe_step()}"
 
 
 def _fill(
