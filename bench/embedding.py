@@ -31,7 +31,6 @@ import os
 import statistics
 import tempfile
 import time
-import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.machine import write_result
+from bench.machine import portable_traceback, write_result
 
 log = logging.getLogger("bench.embedding")
 
@@ -197,7 +196,7 @@ def _section(name: str, fn: Callable[[], Any]) -> Any:
         out = fn()
     except Exception as exc:
         log.exception("%s failed", name)
-        return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+        return {"error": f"{type(exc).__name__}: {exc}", "traceback": portable_traceback()}
     log.info("%s done in %.1f s", name, time.perf_counter() - start)
     return out
 

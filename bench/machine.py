@@ -10,6 +10,8 @@ import datetime as dt
 import json
 import os
 import platform
+import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -61,3 +63,16 @@ def write_result(path: str | Path, name: str, figures: dict[str, Any]) -> Path:
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
     tmp.replace(path)
     return path
+
+
+def portable_traceback() -> str:
+    """The current exception's traceback with this checkout's and Python's folders made relative.
+
+    Results are committed: they must not carry the absolute paths of the machine that ran them.
+    """
+    text = traceback.format_exc()
+    repo = str(Path(__file__).resolve().parent.parent) + "/"
+    text = text.replace(repo, "")
+    for prefix in sorted({sys.prefix, sys.base_prefix, sys.exec_prefix}, key=len, reverse=True):
+        text = text.replace(prefix + "/", "<python>/")
+    return text

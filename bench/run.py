@@ -19,11 +19,10 @@ import logging
 import signal
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
-from bench.machine import write_result
+from bench.machine import portable_traceback, write_result
 
 log = logging.getLogger("bench.run")
 
@@ -42,7 +41,7 @@ def run_all(names: list[str], *, quick: bool, device: str | None) -> dict[str, A
             figures[name] = module.run(quick=quick, device=device)
             status = "ok"
         except Exception as exc:  # keep going: one broken benchmark must not hide the others
-            figures[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+            figures[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": portable_traceback()}
             status = "failed"
         figures[name + "_seconds"] = round(time.perf_counter() - start, 2)
         log.info("benchmark %s %s in %.1f s", name, status, figures[name + "_seconds"])
