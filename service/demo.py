@@ -399,11 +399,17 @@ def demo_command(
         process.wait(timeout=60)
         return
     print(f"\nThe service is running: open http://{host}:{port}/ (Ctrl-C stops it).")
+    # `kill` (SIGTERM) of the demo must stop its service too, as Ctrl-C does.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         process.wait()
     except KeyboardInterrupt:
         process.send_signal(signal.SIGINT)
         process.wait(timeout=60)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def register(app: typer.Typer) -> None:
