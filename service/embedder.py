@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from service.jobs.pipeline import stack
 from training.export import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -197,7 +198,7 @@ class MicroBatcher:
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Request]) -> None:
         try:
-            stacked = torch.stack([r.tensor for r in batch])
+            stacked = stack([r.tensor for r in batch])  # GPU-decoded and Pillow-road tensors may meet
             self._announce_interactive()
             out = await loop.run_in_executor(self._executor, self._forward_interactive, stacked)
         except Exception:

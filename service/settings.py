@@ -102,8 +102,9 @@ class Settings(BaseSettings):
     )
     jpeg_decoder: Literal["gpu", "cpu", "pil"] = Field(
         "gpu",
-        description="How ingestion decodes JPEGs when the models run on CUDA: gpu (batched nvJPEG), "
-        "cpu (libjpeg-turbo in the decode threads, resized on the GPU) or pil (all on the CPU).",
+        description="How JPEGs (uploads, ingestion, evaluation, re-embedding) are decoded when the models "
+        "run on CUDA: gpu (nvJPEG), cpu (libjpeg-turbo in the decode threads, resized on the GPU) or "
+        "pil (all on the CPU, as `reid evaluate`; the roads' embeddings agree to cosine >= 0.999).",
     )
 
     auth: Literal["on", "off", "auto"] = Field(

@@ -17,7 +17,7 @@ from service.api.deps import DbSession, GalleryId, ItemId, Scope, State, authori
 from service.api.pagination import cursor_after, page_of, page_query
 from service.api.problems import PROBLEM_RESPONSES, Problem, not_found, problem_responses
 from service.api.schemas import ItemOut, Page, SortOrder
-from service.api.uploads import decode_uploads, embed_decoded, parse_time, per_image, read_uploads
+from service.api.uploads import embed_prepared, parse_time, per_image, prepare_uploads, read_uploads
 from service.db.models import Gallery, Item
 from service.image_store import ImageMissingError
 from service.item_writer import (
@@ -94,11 +94,14 @@ async def add_items(
     identities = per_image(identity, n, "identity")
     cameras = per_image(camera, n, "camera")
     times = [parse_time(t, "captured_at") for t in per_image(captured_at, n, "captured_at")]
-    decoded = await decode_uploads(state, uploads)
+    runtimes = {
+        model_id: runtime for model_id in model_ids if (runtime := state.models.by_row(model_id)) is not None
+    }
+    prepared = await prepare_uploads(state, uploads, runtimes)
     scope = f"POST /v1/galleries/{gallery_id}/items"
     request_hash = idempotency.fingerprint(
         {
-            "images": [d.content_hash for d in decoded],
+            "images": [p.content_hash for p in prepared],
             "identity": identities,
             "camera": cameras,
             "captured_at": [t.isoformat() if t else None for t in times],
@@ -110,19 +113,19 @@ async def add_items(
         if stored is not None:
             return JSONResponse(stored.body, status_code=stored.status_code)
     # Durable image bytes first: an acknowledged item never points at a missing upload.
-    for (_, data), d in zip(uploads, decoded, strict=True):
-        await anyio.to_thread.run_sync(state.images.put, data, d.content_hash, d.format)
+    for (_, data), d in zip(uploads, prepared, strict=True):
+        await anyio.to_thread.run_sync(state.images.put, data, d.content_hash, d.image_format)
     new_items = [
         NewItem(
             content_hash=d.content_hash,
-            image_format=d.format,
+            image_format=d.image_format,
             width=d.width,
             height=d.height,
             identity=identities[i],
             camera=cameras[i],
             captured_at=times[i],
         )
-        for i, d in enumerate(decoded)
+        for i, d in enumerate(prepared)
     ]
     vectors: dict[int, Any] = {}
     for _attempt in range(3):
@@ -135,7 +138,7 @@ async def add_items(
                     f"The gallery's model (id {model_id}) is not loaded by this service.",
                     slug="model-not-loaded",
                 )
-            vectors[model_id] = await embed_decoded(state, runtime, decoded)
+            vectors[model_id] = await embed_prepared(state, runtime, model_id, prepared)
         try:
             body = await anyio.to_thread.run_sync(
                 _write, state, gallery_id, new_items, vectors, key, scope, request_hash

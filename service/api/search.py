@@ -15,7 +15,7 @@ from service.api.deps import GalleryId, Scope, State, authorize
 from service.api.items import thumbnail_url
 from service.api.problems import PROBLEM_RESPONSES, Problem, not_found, problem_responses
 from service.api.schemas import QueryResult, SearchByItem, SearchHit, SearchResponse
-from service.api.uploads import decode_uploads, embed_decoded, parse_time, read_uploads
+from service.api.uploads import embed_prepared, parse_time, prepare_uploads, read_uploads
 from service.db.models import Embedding, Gallery, Item
 from service.embedder import ModelRuntime
 from service.gallery_index import GalleryIndex, attribute_code, vectors_from_bytes
@@ -191,8 +191,8 @@ async def search(
         exclude_identity,
     )
     uploads = await read_uploads(state, image)
-    decoded = await decode_uploads(state, uploads)
-    queries = await embed_decoded(state, runtime, decoded)
+    prepared = await prepare_uploads(state, uploads, {runtime.row_id: runtime})
+    queries = await embed_prepared(state, runtime, runtime.row_id, prepared)
     hits = await anyio.to_thread.run_sync(run_search, state, gi, queries, k, flt, drop, rerank)
     return SearchResponse(
         model=runtime.name, model_version=runtime.version, queries=[QueryResult(results=h) for h in hits]

@@ -1,17 +1,19 @@
-"""Uploaded images: read, decode (off the event loop), preprocess and embed through the micro-batcher."""
+"""Uploaded images: read, checked and decoded off the event loop, preprocessed, embedded in micro-batches."""
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from functools import partial
 
 import numpy as np
 from fastapi import UploadFile
 
 from service.api.problems import Problem
 from service.embedder import EmbedderBusyError, EmbedderClosedError, EmbeddingFailedError, ModelRuntime
-from service.image_decoding import DecodedImage, ImageError, ImageTooLargeError, UnsupportedImageError
+from service.image_decoding import ImageError, ImageTooLargeError, UnsupportedImageError
+from service.jobs.pipeline import Prepared, device_stage_for, prepare_bytes
 from service.state import ServiceState
 
 
@@ -35,36 +37,81 @@ async def read_uploads(state: ServiceState, files: Sequence[UploadFile]) -> list
     return out
 
 
-async def decode_uploads(state: ServiceState, uploads: Sequence[tuple[str, bytes]]) -> list[DecodedImage]:
-    """Decode every upload in the decoder pool; the first bad one answers 415/413/422 naming it."""
-    results = await asyncio.gather(
-        *(state.decoder.decode(data, name=name) for name, data in uploads), return_exceptions=True
+async def prepare_uploads(
+    state: ServiceState, uploads: Sequence[tuple[str, bytes]], runtimes: Mapping[int, ModelRuntime]
+) -> list[Prepared[str]]:
+    """Check, decode and preprocess every upload for these models (model id -> runtime).
+
+    Off the event loop, in the decoder pool. When the models run on a GPU, JPEGs take the road of
+    ingestion (:func:`service.jobs.pipeline.device_stage_for`): only their header is checked here,
+    then nvJPEG decodes them and the GPU resizes them, so a query does not pay Pillow's ~1 ms; other
+    formats are decoded by Pillow and copied up. The first bad upload answers 415/413/422 naming it.
+    """
+    settings = state.settings
+    stage = device_stage_for(
+        {model_id: r.model for model_id, r in runtimes.items()},
+        jpeg_decoder=settings.jpeg_decoder,
+        max_pixels=settings.max_image_pixels,
     )
-    decoded: list[DecodedImage] = []
-    for result in results:
-        if isinstance(result, DecodedImage):
-            decoded.append(result)
-            continue
-        if isinstance(result, UnsupportedImageError):
-            raise Problem(415, "Unsupported image", str(result), slug="unsupported-image")
-        if isinstance(result, ImageTooLargeError):
-            raise Problem(413, "Image too large", str(result), slug="image-too-large")
-        if isinstance(result, ImageError):
-            raise Problem(422, "Undecodable image", str(result), slug="undecodable-image")
-        raise result
-    return decoded
-
-
-async def embed_decoded(
-    state: ServiceState, runtime: ModelRuntime, images: Sequence[DecodedImage]
-) -> np.ndarray:
-    """Preprocess (in the decoder pool) and embed (micro-batched) decoded images: (n, dim) float32."""
+    prepare = partial(
+        prepare_bytes,
+        max_pixels=settings.max_image_pixels,
+        preprocessors={model_id: r.model.preprocess for model_id, r in runtimes.items()},
+        jpeg_decoder=stage.jpeg_decoder if stage is not None else None,
+    )
     loop = asyncio.get_running_loop()
-    tensors = await asyncio.gather(
-        *(loop.run_in_executor(state.decoder.pool, runtime.model.preprocess, img.image) for img in images)
+    prepared = list(
+        await asyncio.gather(
+            *(
+                loop.run_in_executor(state.decoder.pool, partial(prepare, name, data, name=name))
+                for name, data in uploads
+            )
+        )
     )
+    _raise_for_bad_image(prepared)
+    if stage is not None:
+        await loop.run_in_executor(state.decoder.pool, stage, prepared)
+        _raise_for_bad_image(prepared)  # what nvJPEG refused and Pillow could not decode either
+    return prepared
+
+
+def _raise_for_bad_image(prepared: Sequence[Prepared[str]]) -> None:
+    for p in prepared:
+        if p.error is None:
+            continue
+        if isinstance(p.cause, UnsupportedImageError):
+            raise Problem(415, "Unsupported image", p.error, slug="unsupported-image")
+        if isinstance(p.cause, ImageTooLargeError):
+            raise Problem(413, "Image too large", p.error, slug="image-too-large")
+        if isinstance(p.cause, ImageError):
+            raise Problem(422, "Undecodable image", p.error, slug="undecodable-image")
+        raise RuntimeError(f"{p.source}: {p.error}") from p.cause  # a server fault: 500, logged
+
+
+async def embed_prepared(
+    state: ServiceState, runtime: ModelRuntime, model_id: int, prepared: Sequence[Prepared[str]]
+) -> np.ndarray:
+    """Embed prepared uploads with one model through its micro-batcher: (n, dim) float32.
+
+    Uploads prepared without this model (it joined the gallery meanwhile) are preprocessed now.
+    """
+    loop = asyncio.get_running_loop()
+    max_pixels = state.settings.max_image_pixels
+
+    def preprocess(p: Prepared[str]) -> Prepared[str]:
+        try:
+            p.tensors[model_id] = runtime.model.preprocess(p.pil_image(max_pixels))
+        except ImageError as exc:
+            p.error, p.cause = str(exc), exc
+        return p
+
+    missing = [p for p in prepared if model_id not in p.tensors]
+    if missing:
+        _raise_for_bad_image(
+            await asyncio.gather(*(loop.run_in_executor(state.decoder.pool, preprocess, p) for p in missing))
+        )
     try:
-        vectors = await asyncio.gather(*(runtime.batcher.embed(t) for t in tensors))
+        vectors = await asyncio.gather(*(runtime.batcher.embed(p.tensors[model_id]) for p in prepared))
     except EmbedderBusyError as exc:
         raise Problem(
             503, "Embedding queue full", str(exc), slug="busy", headers={"Retry-After": "1"}

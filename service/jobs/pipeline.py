@@ -71,6 +71,8 @@ class Prepared(Generic[T]):
     encoded: bytes | None = None
     pixels: torch.Tensor | None = None
     data: bytes | None = field(default=None, repr=False)
+    #: The exception behind ``error`` (an ``ImageError`` for a bad image), for callers that answer by type.
+    cause: Exception | None = field(default=None, repr=False)
 
     @property
     def image_format(self) -> str:
@@ -114,14 +116,7 @@ def prepare_file(
     is_known: Callable[[str], bool],
     jpeg_decoder: str | None = None,
 ) -> Prepared[T]:
-    """Read and hash a file; unless its content is already stored, decode it and preprocess it per model.
-
-    Args:
-        jpeg_decoder: ``None`` or ``"pil"``: decode with Pillow and apply ``preprocessors`` (the CPU
-            road). ``"gpu"`` / ``"cpu"``: JPEGs the tensor decoders handle exactly like Pillow are
-            only checked here, and left for nvJPEG (``gpu``; progressive JPEGs are decoded here) or
-            decoded here to uint8 pixels with libjpeg-turbo (``cpu``); the device stage resizes them.
-    """
+    """Read and hash a file; unless its content is already stored, prepare it (:func:`prepare_bytes`)."""
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
@@ -129,12 +124,44 @@ def prepare_file(
     digest = content_hash(data)
     if is_known(digest):
         return Prepared(source, content_hash=digest, skipped=True)
-    name = Path(path).name
+    return prepare_bytes(
+        source,
+        data,
+        name=Path(path).name,
+        max_pixels=max_pixels,
+        preprocessors=preprocessors,
+        jpeg_decoder=jpeg_decoder,
+        digest=digest,
+    )
+
+
+def prepare_bytes(
+    source: T,
+    data: bytes,
+    *,
+    name: str,
+    max_pixels: int,
+    preprocessors: Mapping[int, Callable],
+    jpeg_decoder: str | None = None,
+    digest: str | None = None,
+) -> Prepared[T]:
+    """Check and decode image bytes for the road they take to the model, and preprocess them per model.
+
+    Args:
+        name: how error messages call the image (file name, upload field).
+        preprocessors: model id -> PIL image -> tensor, applied on the Pillow road.
+        jpeg_decoder: ``None`` or ``"pil"``: decode with Pillow and apply ``preprocessors`` (the CPU
+            road). ``"gpu"`` / ``"cpu"``: JPEGs the tensor decoders handle exactly like Pillow are
+            only checked here, and left for nvJPEG (``gpu``; progressive JPEGs are decoded here) or
+            decoded here to uint8 pixels with libjpeg-turbo (``cpu``); the device resizes them.
+        digest: the bytes' content hash when the caller has it already.
+    """
+    digest = digest or content_hash(data)
     if jpeg_decoder in ("gpu", "cpu") and sniff_format(data) == "JPEG":
         try:
             info = probe_image(data, max_pixels=max_pixels, name=name)
         except ImageError as exc:
-            return Prepared(source, content_hash=digest, error=str(exc))
+            return Prepared(source, content_hash=digest, error=str(exc), cause=exc)
         if info.mode in ("RGB", "L") and _jpeg_is_complete(data):
             if jpeg_decoder == "gpu" and not info.progressive:
                 return Prepared(source, content_hash=digest, info=info, encoded=data, data=data)
@@ -150,9 +177,9 @@ def prepare_file(
         decoded = decode_image(data, max_pixels=max_pixels, name=name)
         tensors = {model_id: fn(decoded.image) for model_id, fn in preprocessors.items()}
     except ImageError as exc:
-        return Prepared(source, content_hash=digest, error=str(exc))
+        return Prepared(source, content_hash=digest, error=str(exc), cause=exc)
     except Exception as exc:  # a preprocessing failure is one bad image, not a failed job
-        return Prepared(source, content_hash=digest, error=f"preprocessing failed: {exc}")
+        return Prepared(source, content_hash=digest, error=f"preprocessing failed: {exc}", cause=exc)
     return Prepared(source, content_hash=digest, decoded=decoded, tensors=tensors)
 
 
@@ -247,9 +274,9 @@ class DeviceBatchStage:
             image = p.pil_image(self.max_pixels)
             p.tensors = {model_id: fn(image) for model_id, fn in self.pil_preprocessors.items()}
         except ImageError as exc:
-            p.error = str(exc)
+            p.error, p.cause = str(exc), exc
         except Exception as exc:
-            p.error = f"preprocessing failed: {exc}"
+            p.error, p.cause = f"preprocessing failed: {exc}", exc
 
     def _upload_cpu_tensors(self, live: list[Prepared[T]], produced: list[torch.Tensor]) -> None:
         """Stack each model's CPU tensors into pinned memory and copy them up asynchronously."""

@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 from service.db.models import Embedding, Item
 from service.image_store import ImageStore
 from service.item_writer import GalleryGoneError, missing_items
-from service.jobs.pipeline import Prepared, prefetched_batches, prepare_file, stack
+from service.jobs.pipeline import Prepared, device_stage_for, prefetched_batches, prepare_file, stack
 from service.jobs.runner import JobContext, JobFailedError
 
 logger = logging.getLogger(__name__)
@@ -64,11 +64,15 @@ def run_reembed(ctx: JobContext) -> dict[str, object]:
     ctx.advance(skipped=int(have), done=int(have))
 
     settings = state.settings
+    stage = device_stage_for(
+        {model_id: runtime.model}, jpeg_decoder=settings.jpeg_decoder, max_pixels=settings.max_image_pixels
+    )
     prepare = partial(
         _prepare,
         store=state.images,
         max_pixels=settings.max_image_pixels,
-        preprocess=runtime.model.preprocess,
+        preprocessors={model_id: runtime.model.preprocess},
+        jpeg_decoder=stage.jpeg_decoder if stage is not None else None,
     )
     failed_ids: set[int] = set()
     after_id = -1
@@ -97,6 +101,7 @@ def run_reembed(ctx: JobContext) -> dict[str, object]:
             prepare,
             batch_size=settings.ingest_batch_size,
             prefetch=settings.ingest_prefetch_batches,
+            finish=stage,
         ):
             ctx.check()
             good = [p for p in batch if p.error is None]
@@ -105,7 +110,7 @@ def run_reembed(ctx: JobContext) -> dict[str, object]:
             ctx.record_errors([(f"item {p.source.id}", p.error or "") for p in bad])
             stored = 0
             if good:
-                vectors = runtime.batcher.forward(stack([p.tensors[0] for p in good]))
+                vectors = runtime.batcher.forward(stack([p.tensors[model_id] for p in good]))
                 try:
                     stored = state.writer.add_embeddings(
                         gallery_id, model_id, [p.source.id for p in good], vectors
@@ -136,9 +141,19 @@ def run_reembed(ctx: JobContext) -> dict[str, object]:
 
 
 def _prepare(
-    item: Item, *, store: ImageStore, max_pixels: int, preprocess: Callable[[Image.Image], torch.Tensor]
+    item: Item,
+    *,
+    store: ImageStore,
+    max_pixels: int,
+    preprocessors: dict[int, Callable[[Image.Image], torch.Tensor]],
+    jpeg_decoder: str | None,
 ) -> Prepared[Item]:
     path = store.source_of(item.content_hash, item.image_format, item.source_path)
     return prepare_file(
-        item, path, max_pixels=max_pixels, preprocessors={0: preprocess}, is_known=lambda _: False
+        item,
+        path,
+        max_pixels=max_pixels,
+        preprocessors=preprocessors,
+        is_known=lambda _: False,
+        jpeg_decoder=jpeg_decoder,
     )
