@@ -27,7 +27,7 @@ from bench.machine import portable_traceback, write_result
 log = logging.getLogger("bench.run")
 
 # Order: cheapest first, so a run cut short still has the foundations.
-BENCHMARKS = ("fusion", "evaluation", "index", "training", "service", "embedding", "load")
+BENCHMARKS = ("fusion", "evaluation", "index", "training", "service", "embedding", "load", "batching")
 
 
 def run_all(names: list[str], *, quick: bool, device: str | None) -> dict[str, Any]:

@@ -2,7 +2,10 @@
 
 Each model gets one :class:`MicroBatcher`. Requests put one preprocessed image each into a bounded
 queue; a single task takes up to ``max_batch_size`` of them, waiting at most ``max_wait`` for the
-batch to fill, and runs one forward pass in the model's own thread. A full queue is refused at once
+batch to fill, and runs one forward pass in the model's own thread. The service waits 0 by default:
+a request that finds the model idle runs at once, and those arriving during that forward pass form
+the next batch, so batches grow with the load without a fixed delay (on GPU forward times, a 2 ms
+wait tripled a lone query's latency and cut throughput: bench/batching.py). A full queue is refused at once
 (:class:`EmbedderBusyError`, a 503 with Retry-After) instead of letting latency grow without bound;
 a request whose client went away is dropped before the forward pass; an input that makes the batch
 fail is isolated by re-running the batch one image at a time, so only that request fails.

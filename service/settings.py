@@ -141,7 +141,13 @@ class Settings(BaseSettings):
         200_000, ge=1, description="Most images (query + gallery) one evaluation may embed."
     )
     max_batch_size: int = Field(64, ge=1, description="Micro-batcher: most images in one forward pass.")
-    max_wait_ms: float = Field(2.0, ge=0, description="Micro-batcher: longest wait for a batch to fill.")
+    max_wait_ms: float = Field(
+        0.0,
+        ge=0,
+        description="Micro-batcher: longest wait for a batch to fill. 0: a request that finds the model "
+        "idle runs at once, and those arriving during a forward pass form the next batch (bench/batching.py: "
+        "a fixed wait only added latency and cut throughput).",
+    )
     queue_size: int = Field(1024, ge=1, description="Micro-batcher: pending images before answering 503.")
     decode_threads: int = Field(
         default_factory=lambda: max(2, min(32, os.cpu_count() or 2)),

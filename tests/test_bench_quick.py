@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-QUICK = ("embedding", "fusion", "evaluation")
+QUICK = ("embedding", "fusion", "evaluation", "batching")
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +80,17 @@ def test_embedding_figures_carry_their_references(quick_run: dict) -> None:
         assert search["index"][key]["median_ms"] > 0 and search["ratio_to_bare"][key] > 0
     assert search["top10_agreement_with_float32"] == 1.0  # float32 storage on a CPU: exact
     assert set(emb["single_query_floor_ms"]) == {case["model"] for case in emb["forward"]}
+
+
+def test_batching_figures_compare_every_wait_side_by_side(quick_run: dict) -> None:
+    from bench.batching import CLIENTS, WAITS_MS
+
+    fig = quick_run["figures"]["batching"]
+    assert {(lv["max_wait_ms"], lv["clients"]) for lv in fig["levels"]} == {
+        (w, c) for w in WAITS_MS for c in CLIENTS
+    }
+    for lv in fig["levels"]:
+        assert lv["requests_per_s"] > 0 and 0 < lv["p50_ms"] <= lv["p99_ms"]
+        assert 1 <= lv["mean_batch"] <= lv["clients"]
+    assert fig["forward_batch1_ms_median"] >= fig["model"]["fixed_ms"]
+    assert set(fig["ratios"]) == {str(c) for c in CLIENTS}
