@@ -5,7 +5,11 @@ Every figure comes with its reference measured in the same run, on the same devi
 1. **forward**: ViT-S/16, ViT-B/16 (GPU, or ``--vit-b`` on a CPU) and ResNet-50 at 256x128, random
    init: images/s at batch 256 (32 on a CPU) in float32 and in half precision (float16 and bfloat16
    on a GPU, bfloat16 on a CPU), ResNet-50 with and without channels_last, the engine's own
-   precision choice (cosines with float32), and batch-1 latency eager vs CUDA-graph replay.
+   precision choice (cosines with float32), and batch-1 latency eager vs CUDA-graph replay. On a
+   GPU, one model (ViT-B/16, else ViT-S/16) also runs through the engine's ``torch.compile`` option
+   (a fixed bucket of 256) against eager float16, with its compile time, in a child process killed
+   after ``REID_BENCH_COMPILE_S`` seconds (default 120; 0 skips it) so that a slow compile cannot eat
+   the machine's time; on a CPU it is not run (compiling takes minutes).
 2. **decode**: 64x128 JPEG crops: one batched nvJPEG call per 256 (GPU), against Pillow decode +
    resize on one core and the decode pool, and libjpeg-turbo (torchvision) per core and pooled.
 3. **ingest**: JPEG files on disk through the ingestion pipeline (``service.jobs.pipeline``: read,
@@ -83,6 +87,9 @@ class Config:
     search_n: int
     search_dim: int
     search_queries: tuple[int, ...]
+    #: The model case compiled by :func:`compile_case` (on a GPU), and its time limit in seconds.
+    compile_model: str | None = None
+    compile_limit_s: float = 0.0
 
     @property
     def on_gpu(self) -> bool:
@@ -92,6 +99,27 @@ class Config:
 VIT_S = ModelCase("vit_s16", "vit_small_patch16_224")
 VIT_B = ModelCase("vit_b16", "vit_base_patch16_224")
 RESNET50 = ModelCase("resnet50", "resnet50")
+
+#: Environment variable: seconds the compile case may take (child start, compile, both measurements).
+COMPILE_LIMIT_ENV = "REID_BENCH_COMPILE_S"
+#: Its default: a cold inductor compile of a ViT at one batch size takes about a minute on a 16-core host.
+DEFAULT_COMPILE_LIMIT_S = 120.0
+#: What the compile case reports where it does not run.
+COMPILE_NOT_ON_CPU = "not run on a CPU (compile takes minutes)"
+
+
+def compile_limit_s() -> float:
+    """The compile case's time limit from ``REID_BENCH_COMPILE_S`` (0 skips the case)."""
+    text = os.environ.get(COMPILE_LIMIT_ENV, "").strip()
+    if not text:
+        return DEFAULT_COMPILE_LIMIT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also refuses NaN
+        raise ValueError(f"{COMPILE_LIMIT_ENV}={text!r} must be a number of seconds >= 0 (0 skips compiling)")
+    return value
 
 
 def config(quick: bool, device: str, *, vit_b: bool | None = None) -> Config:
@@ -118,6 +146,8 @@ def config(quick: bool, device: str, *, vit_b: bool | None = None) -> Config:
             search_n=5_000,
             search_dim=64,
             search_queries=(1, 64, 256),
+            compile_model="vit_s16",
+            compile_limit_s=compile_limit_s(),
         )
     with_vit_b = on_gpu if vit_b is None else vit_b
     return Config(
@@ -136,6 +166,9 @@ def config(quick: bool, device: str, *, vit_b: bool | None = None) -> Config:
         search_n=1_000_000 if on_gpu else 100_000,
         search_dim=768 if on_gpu else 384,
         search_queries=(1, 64, 1024),
+        # ViT-B/16 where it runs: the issue's H100 reference is ViT-B (15,100 compiled / 14,600 eager).
+        compile_model=VIT_B.name if with_vit_b else VIT_S.name,
+        compile_limit_s=compile_limit_s(),
     )
 
 
@@ -283,7 +316,181 @@ def forward_case(case: ModelCase, cfg: Config) -> dict[str, Any]:
         out["graph_vs_eager_min_cosine"] = round(float(same), 6)
     else:
         out["batch1_cuda_graph"] = "not available on a CPU"
+    if case.name == cfg.compile_model:
+        del chosen, eager  # the child process gets the device to itself
+        _free(cfg.device)
+        out["compile"] = compile_case(case, cfg) if cfg.on_gpu else COMPILE_NOT_ON_CPU
     return out  # the engines go with this frame; run() frees the device memory
+
+
+#: Prefix of the line on which the compile case's child prints its result (JSON).
+_COMPILE_RESULT = "COMPILE-CASE-RESULT "
+
+
+def compile_case(
+    case: ModelCase, cfg: Config, *, backend: str = "inductor", limit_s: float | None = None
+) -> dict[str, Any] | str:
+    """The engine's ``torch.compile`` option against eager, at ``cfg.batch``, within a time limit.
+
+    A child process builds the random-init model through :class:`~training.inference.InferenceEngine`
+    twice, eager and with ``compile=True`` and the single bucket ``cfg.batch`` (compiled by the
+    warm-up at construction, as the service does at start-up), in float16 on a GPU (float32 on a
+    CPU), and measures both on the same batch: eager before and after the compiled one. The child
+    runs in its own process group, so the limit stops it and inductor's compile workers at once.
+
+    Args:
+        case: the model.
+        cfg: sizes (device, input size, batch, seconds per measurement).
+        backend: ``torch.compile`` backend (``"eager"`` exercises this machinery on a CPU in tests).
+        limit_s: seconds the child may take, start-up included (default ``cfg.compile_limit_s``);
+            0 skips the case.
+
+    Returns:
+        The figures, ``{"error": ...}`` when the child failed or was stopped at the limit (never
+        raises: the other cases' figures must survive), or a string saying why it was skipped.
+    """
+    limit = cfg.compile_limit_s if limit_s is None else limit_s
+    if limit <= 0:
+        return f"skipped ({COMPILE_LIMIT_ENV}=0)"
+    spec = {
+        "name": case.name,
+        "arch": case.arch,
+        "kwargs": case.kwargs,
+        "quick": cfg.quick,
+        "device": cfg.device,
+        "input_size": list(cfg.input_size),
+        "batch": cfg.batch,
+        "seconds": cfg.seconds,
+        "dtype": "float16" if cfg.on_gpu else "float32",
+        "backend": backend,
+    }
+    started = time.perf_counter()
+    try:
+        result = _run_compile_child(spec, limit)
+    except Exception as exc:  # the parent's own failure (e.g. no interpreter to start): recorded
+        log.exception("compile case of %s failed", case.name)
+        result = {"error": f"{type(exc).__name__}: {exc}", "traceback": portable_traceback()}
+    result["limit_s"] = limit
+    result["wall_s"] = round(time.perf_counter() - started, 1)
+    if "error" in result:
+        log.warning("compile case of %s: %s", case.name, result["error"])
+    else:
+        log.info(
+            "compile %s: %.1f images/s compiled vs %.1f eager (compiled in %.1f s)",
+            case.name,
+            result["images_per_s"]["compiled"],
+            result["images_per_s"]["eager"],
+            result["compile_s"],
+        )
+    return result
+
+
+def _run_compile_child(spec: dict[str, Any], limit: float) -> dict[str, Any]:
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(repo), env.get("PYTHONPATH")) if p)
+    code = "import sys; from bench.embedding import compile_worker; compile_worker(sys.argv[1])"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, json.dumps(spec)],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=limit)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return {
+            "error": f"stopped at its {limit:g} s limit before finishing (compiling is slow on this "
+            f"machine, or hung); set {COMPILE_LIMIT_ENV} to allow more time"
+        }
+    except BaseException:  # interrupted (a time limit's SIGTERM, Ctrl-C): no orphaned compiler
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    for line in reversed(stdout.splitlines()):
+        if line.startswith(_COMPILE_RESULT):
+            return json.loads(line[len(_COMPILE_RESULT) :])
+    tail = " | ".join(stderr.strip().splitlines()[-3:])
+    return {"error": f"the compile child exited with status {proc.returncode} and no result: {tail}"}
+
+
+def compile_worker(spec_json: str) -> None:
+    """The compile case's child process: measure (see :func:`compile_case`), print one result line."""
+    import json
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        result = _compile_measure(json.loads(spec_json))
+    except Exception as exc:  # reported to the parent as the case's error
+        log.exception("compile case failed")
+        result = {"error": f"{type(exc).__name__}: {exc}", "traceback": portable_traceback()}
+    print(_COMPILE_RESULT + json.dumps(result), flush=True)
+
+
+def _compile_measure(spec: dict[str, Any]) -> dict[str, Any]:
+    from dataclasses import replace
+
+    from training.inference import probe_batch
+
+    case = ModelCase(spec["name"], spec["arch"], dict(spec["kwargs"]))
+    cfg = replace(
+        config(bool(spec["quick"]), str(spec["device"])),
+        input_size=(int(spec["input_size"][0]), int(spec["input_size"][1])),
+        batch=int(spec["batch"]),
+        seconds=float(spec["seconds"]),
+    )
+    dtype = getattr(torch, spec["dtype"])
+    module = _reid_model(case, cfg)
+    x = probe_batch(cfg.batch, cfg.input_size, seed=SEED + 1, device=cfg.device)
+    eager = _engine(module, cfg, dtype=dtype, cuda_graphs=False)
+    xe = eager.prepare_input(x)
+
+    def eager_rate() -> float:
+        return _throughput(lambda: eager(xe), cfg.batch, cfg.device, cfg.seconds)
+
+    before = eager_rate()
+    start = time.perf_counter()
+    compiled = _engine(
+        module,
+        cfg,
+        dtype=dtype,
+        cuda_graphs=False,
+        compile=True,
+        compile_buckets=(cfg.batch,),
+        compile_backend=spec["backend"],
+    )
+    build_s = time.perf_counter() - start
+    xc = compiled.prepare_input(x)
+    compiled_rate = _throughput(lambda: compiled(xc), cfg.batch, cfg.device, cfg.seconds)
+    after = eager_rate()
+    eager_mean = (before + after) / 2
+    with torch.inference_mode():
+        cosine = torch.nn.functional.cosine_similarity(compiled(xc).float(), eager(xe).float()).min()
+    return {
+        "model": case.name,
+        "arch": case.arch,
+        "batch": cfg.batch,
+        "dtype": spec["dtype"],
+        "backend": spec["backend"],
+        "buckets": [cfg.batch],
+        "compile_s": compiled.warmup_s.get("compile"),
+        "engine_build_s": round(build_s, 2),
+        "images_per_s": {"eager": round(eager_mean, 1), "compiled": round(compiled_rate, 1)},
+        "eager_before_after": [round(before, 1), round(after, 1)],
+        "compiled_vs_eager": round(compiled_rate / eager_mean, 3),
+        "min_cosine_vs_eager": round(float(cosine), 6),
+    }
 
 
 # ------------------------------------------------------------------------------------------ decode
@@ -305,6 +512,37 @@ def make_crops(n: int, size: tuple[int, int], seed: int = SEED) -> list[bytes]:
     return out
 
 
+def _pillow_process_pool(
+    feeders: ThreadPoolExecutor, crops: list[bytes], spec: Any, processes: int, timed: Callable[..., float]
+) -> dict[str, Any]:
+    """The Pillow full preprocess in the service's worker processes (one per core), fed by the threads.
+
+    The same crops and transform (``spec``, a ``Preprocess``) as ``pillow_preprocess_pool``, the
+    thread pool that feeds the workers here, in the same run.
+    """
+    from service.decode_processes import DecodeProcessPool
+
+    started = time.perf_counter()
+    workers = DecodeProcessPool(processes)
+    workers.start()
+    try:
+        if not workers.wait_ready(300):
+            return {"pillow_preprocess_processes": "the worker processes did not start"}
+        out: dict[str, Any] = {"decode_processes_start_s": round(time.perf_counter() - started, 2)}
+
+        def preprocess(data: bytes) -> Any:
+            done = workers.run_specs(data, name="crop", max_pixels=10**8, specs={0: spec})
+            assert done is not None, "a decode worker died during the benchmark"
+            return done
+
+        list(feeders.map(preprocess, crops[: 4 * processes]))  # every worker builds its transform
+        out["pillow_preprocess_processes"] = timed(lambda: list(feeders.map(preprocess, crops)), len(crops))
+        out["decode_processes"] = processes
+        return out
+    finally:
+        workers.close()
+
+
 def decode_case(cfg: Config, crops: list[bytes]) -> dict[str, Any]:
     """Images/s of each decoder on the same crops (see the module docstring)."""
     from service.image_decoding import decode_image
@@ -312,7 +550,8 @@ def decode_case(cfg: Config, crops: list[bytes]) -> dict[str, Any]:
     from training.inference import TensorPreprocess, decode_jpegs
 
     height, width = cfg.input_size
-    transform = build_test_transform(Preprocess(size=cfg.input_size, interpolation="bicubic"))
+    prep_spec = Preprocess(size=cfg.input_size, interpolation="bicubic")
+    transform = build_test_transform(prep_spec)
     threads = os.cpu_count() or 1
     n = len(crops)
     out: dict[str, Any] = {"crops": n, "crop_size_wh": list(cfg.crop_size), "threads": threads}
@@ -340,6 +579,11 @@ def decode_case(cfg: Config, crops: list[bytes]) -> dict[str, Any]:
         out["pillow_preprocess_pool"] = timed(lambda: list(pool.map(pillow_preprocess, crops)), n)
         out["libjpeg_turbo_decode_pool"] = timed(
             lambda: list(pool.map(lambda d: decode_jpegs([d]), crops)), n
+        )
+        out.update(_pillow_process_pool(pool, crops, prep_spec, threads, timed))
+    if isinstance(out.get("pillow_preprocess_processes"), float):
+        out["pillow_processes_vs_thread_pool"] = round(
+            out["pillow_preprocess_processes"] / out["pillow_preprocess_pool"], 2
         )
     if cfg.on_gpu:
         batch = 256
@@ -604,6 +848,24 @@ def markdown(figures: dict[str, Any]) -> str:
         graph_ms = f"{graph['median_ms']:.2f}" if isinstance(graph, dict) else "n/a (CPU)"
         eager_ms = c["batch1_eager"]["median_ms"]
         lines.append(f"| {c['model']} | {c['batch']} | {rates} | {ratio} | {eager_ms:.2f} | {graph_ms} |")
+    compiled = [c["compile"] for c in figures["forward"] if "compile" in c]
+    if compiled:
+        lines += [
+            "",
+            "| torch.compile | batch | eager img/s | compiled img/s | compiled / eager | compile s |",
+            "|---|---|---|---|---|---|",
+        ]
+        for comp in compiled:
+            if not isinstance(comp, dict):
+                lines.append(f"| {comp} | | | | | |")
+            elif "error" in comp:
+                lines.append(f"| error: {comp['error']} | | | | | |")
+            else:
+                lines.append(
+                    f"| {comp['model']} ({comp['dtype']}) | {comp['batch']} | "
+                    f"{comp['images_per_s']['eager']:,.0f} | {comp['images_per_s']['compiled']:,.0f} | "
+                    f"{comp['compiled_vs_eager']}x | {comp['compile_s']} |"
+                )
     lines += ["", "| ingestion | road | images/s | forward images/s | ratio |", "|---|---|---|---|---|"]
     for c in figures["ingest"]:
         if "error" in c:

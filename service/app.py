@@ -170,7 +170,12 @@ def build_state(settings: Settings) -> ServiceState:
         sessions=sessions,
         models=models_registry,
         indexes=indexes,
-        decoder=ImageDecoder(settings.decode_threads, max_pixels=settings.max_image_pixels),
+        # Its worker processes (decode_processes) start in the background; threads decode meanwhile.
+        decoder=ImageDecoder(
+            settings.decode_threads,
+            max_pixels=settings.max_image_pixels,
+            processes=settings.decode_processes,
+        ),
         images=ImageStore(settings.data_dir, thumbnail_size=settings.thumbnail_size),
         writer=ItemWriter(sessions, indexes),
     )
@@ -215,7 +220,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await runtime.batcher.stop()
         await anyio.to_thread.run_sync(state.indexes.snapshot_all)
         state.indexes.close()
-        state.decoder.close()
+        await anyio.to_thread.run_sync(state.decoder.close)  # waits for the worker processes to exit
         state.engine.dispose()
         logger.info("service stopped")
 

@@ -7,14 +7,20 @@ declared size is checked against the service's own limit before any pixel is dec
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import io
+import logging
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from PIL import Image
+
+if TYPE_CHECKING:
+    from service.decode_processes import DecodeProcessPool
+
+logger = logging.getLogger(__name__)
 
 FORMATS = ("JPEG", "PNG", "WEBP")
 EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
@@ -49,13 +55,23 @@ def sniff_format(data: bytes) -> str | None:
 
 @dataclass(frozen=True)
 class DecodedImage:
-    """An RGB image with the facts about its bytes that the service stores."""
+    """An RGB image with the facts about its bytes that the service stores.
+
+    ``source_mode`` and ``progressive`` describe the file (its mode before the RGB conversion).
+    """
 
     image: Image.Image
     format: str
     content_hash: str
     width: int
     height: int
+    source_mode: str = "RGB"
+    progressive: bool = False
+
+    @property
+    def info(self) -> ImageInfo:
+        """The header facts alone, as :func:`probe_image` reads them (what a worker process sends back)."""
+        return ImageInfo(self.format, self.width, self.height, self.source_mode, self.progressive)
 
 
 def content_hash(data: bytes) -> str:
@@ -93,6 +109,8 @@ def decode_image(data: bytes, *, max_pixels: int, name: str = "image") -> Decode
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=[fmt])
             width, height = img.size
+            source_mode = img.mode
+            progressive = _is_progressive(img)
             if width * height > max_pixels:
                 raise ImageTooLargeError(
                     f"{name} is {width}x{height} pixels, more than the {max_pixels} this service accepts"
@@ -108,7 +126,11 @@ def decode_image(data: bytes, *, max_pixels: int, name: str = "image") -> Decode
         ) from exc
     if img.mode != "RGB":
         img = img.convert("RGB")
-    return DecodedImage(img, fmt, content_hash(data), width, height)
+    return DecodedImage(img, fmt, content_hash(data), width, height, source_mode, progressive)
+
+
+def _is_progressive(img: Image.Image) -> bool:
+    return bool(img.info.get("progressive") or img.info.get("progression"))
 
 
 #: Start-of-frame markers of the Huffman-coded 8/12-bit JPEG processes that libjpeg-turbo and
@@ -191,7 +213,7 @@ def probe_image(data: bytes, *, max_pixels: int, name: str = "image") -> ImageIn
             with Image.open(io.BytesIO(data), formats=[fmt]) as img:
                 width, height = img.size
                 mode = img.mode
-                progressive = bool(img.info.get("progressive") or img.info.get("progression"))
+                progressive = _is_progressive(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLargeError(f"{name} is too large to decode safely: {exc}") from exc
     except (OSError, SyntaxError, ValueError) as exc:
@@ -204,22 +226,48 @@ def probe_image(data: bytes, *, max_pixels: int, name: str = "image") -> ImageIn
 
 
 class ImageDecoder:
-    """A thread pool that decodes images off the event loop (Pillow releases the GIL while decoding)."""
+    """The service's decode pools: threads, and optionally worker processes for the Pillow road.
 
-    def __init__(self, threads: int, *, max_pixels: int) -> None:
+    The threads read, hash and check images and run the decoders that release the GIL
+    (libjpeg-turbo, nvJPEG). With ``processes`` > 0, images that Pillow decodes are handed to a
+    :class:`~service.decode_processes.DecodeProcessPool` (started here, in the background), because
+    Pillow decoding plus preprocessing holds the GIL for most of its time and does not scale in
+    threads. Each thread waits for its image's worker, so ``threads`` bounds the images in flight:
+    keep it at least ``processes``.
+
+    Args:
+        threads: decode threads.
+        max_pixels: the pixel limit of the images.
+        processes: worker processes for the Pillow road; 0 decodes in the threads.
+    """
+
+    def __init__(self, threads: int, *, max_pixels: int, processes: int = 0) -> None:
+        if processes < 0:
+            raise ValueError(f"decode processes must be >= 0 (0: decode in threads), got {processes}")
         self.max_pixels = max_pixels
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="reid-decode")
+        self.processes: DecodeProcessPool | None = None
+        if processes:
+            from service.decode_processes import DecodeProcessPool  # which imports this module
 
-    async def decode(self, data: bytes, *, name: str = "image") -> DecodedImage:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._pool, lambda: decode_image(data, max_pixels=self.max_pixels, name=name)
-        )
+            if processes > threads:
+                logger.warning(
+                    "%d decode processes but %d decode threads: at most %d workers are busy at once "
+                    "(set decode_threads to at least decode_processes)",
+                    processes,
+                    threads,
+                    threads,
+                )
+            self.processes = DecodeProcessPool(processes)
+            self.processes.start()
 
     @property
     def pool(self) -> ThreadPoolExecutor:
-        """The pool itself, for jobs that decode files ahead of the model."""
+        """The thread pool, for requests and jobs that decode images ahead of the model."""
         return self._pool
 
     def close(self) -> None:
+        """Stop both pools; blocks until the worker processes have exited (none is left behind)."""
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.processes is not None:
+            self.processes.close()

@@ -65,6 +65,10 @@ def test_embedding_figures_carry_their_references(quick_run: dict) -> None:
         assert case["min_cosine_vs_float32"]["bfloat16"] > 0.99
         assert case["batch1_eager"]["median_ms"] > 0
         assert case["batch1_cuda_graph"] == "not available on a CPU"
+    # One model carries the torch.compile case; a CPU does not compile it (see test_bench_embedding_compile).
+    compiled = [case for case in emb["forward"] if "compile" in case]
+    assert [case["model"] for case in compiled] == ["vit_s16"]
+    assert compiled[0]["compile"] == "not run on a CPU (compile takes minutes)"
     decode = emb["decode"]
     assert "error" not in decode, decode
     assert decode["pillow_preprocess_per_core"] > 0 and decode["libjpeg_turbo_decode_pool"] > 0

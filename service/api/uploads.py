@@ -58,6 +58,7 @@ async def prepare_uploads(
         max_pixels=settings.max_image_pixels,
         preprocessors={model_id: r.model.preprocess for model_id, r in runtimes.items()},
         jpeg_decoder=stage.jpeg_decoder if stage is not None else None,
+        processes=state.decoder.processes,
     )
     loop = asyncio.get_running_loop()
     prepared = list(

@@ -23,6 +23,7 @@ import numpy as np
 from index.feature_file import save_feature_file
 from service.db.models import Evaluation, ModelRow
 from service.db.session import transaction
+from service.decode_processes import DecodeProcessPool
 from service.embedder import ModelUnavailableError
 from service.jobs.pipeline import Prepared, device_stage_for, prefetched_batches, prepare_file, stack
 from service.jobs.runner import JobContext, JobFailedError
@@ -56,6 +57,7 @@ def embed_paths(ctx: JobContext, runtime: Any, paths: list[str]) -> tuple[np.nda
         max_pixels=settings.max_image_pixels,
         preprocess=runtime.model.preprocess,
         jpeg_decoder=stage.jpeg_decoder if stage is not None else None,
+        processes=ctx.state.decoder.processes,
     )
     out = np.empty((len(paths), runtime.dim), dtype=np.float32)
     row = 0
@@ -81,7 +83,12 @@ def embed_paths(ctx: JobContext, runtime: Any, paths: list[str]) -> tuple[np.nda
 
 
 def _prepare(
-    path: str, *, max_pixels: int, preprocess: Callable[[Any], Any], jpeg_decoder: str | None
+    path: str,
+    *,
+    max_pixels: int,
+    preprocess: Callable[[Any], Any],
+    jpeg_decoder: str | None,
+    processes: DecodeProcessPool | None = None,
 ) -> Prepared[str]:
     return prepare_file(
         path,
@@ -90,6 +97,7 @@ def _prepare(
         preprocessors={0: preprocess},
         is_known=lambda _: False,
         jpeg_decoder=jpeg_decoder,
+        processes=processes,
     )
 
 

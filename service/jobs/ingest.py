@@ -24,6 +24,7 @@ from PIL import Image
 from sqlalchemy import select
 
 from service.db.models import Item
+from service.decode_processes import DecodeProcessPool
 from service.item_writer import GalleryGoneError, GalleryModelsChangedError, NewItem, gallery_model_ids
 from service.jobs.pipeline import Prepared, device_stage_for, prefetched_batches, prepare_file, stack
 from service.jobs.runner import JobContext, JobFailedError
@@ -103,6 +104,7 @@ def run_ingest(ctx: JobContext) -> dict[str, object]:
         is_known=known.__contains__,
         roots=settings.dataset_roots,
         jpeg_decoder=stage.jpeg_decoder if stage is not None else None,
+        processes=ctx.state.decoder.processes,
     )
     started = time.monotonic()
     stored = 0
@@ -189,6 +191,7 @@ def _prepare(
     is_known: Callable[[str], bool],
     roots: list[Path],
     jpeg_decoder: str | None = None,
+    processes: DecodeProcessPool | None = None,
 ) -> Prepared[SourceImage]:
     if not inside_roots(source.path, roots):
         return Prepared(source, error="the image lies outside the allowed dataset roots (symbolic link?)")
@@ -199,6 +202,7 @@ def _prepare(
         preprocessors=preprocessors,
         is_known=is_known,
         jpeg_decoder=jpeg_decoder,
+        processes=processes,
     )
 
 

@@ -42,6 +42,7 @@ from service.image_decoding import (
 )
 
 if TYPE_CHECKING:
+    from service.decode_processes import DecodeProcessPool
     from training.export import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,8 @@ JPEG_DECODERS = ("gpu", "cpu", "pil")
 class Prepared(Generic[T]):
     """One input after the pool's work: skipped (already stored), failed (error), or ready.
 
-    A ready image has ``decoded`` (Pillow road), ``encoded`` (bytes waiting for nvJPEG) or
+    A ready image has ``decoded`` (Pillow road in a thread; in a worker process only ``data`` and
+    ``info`` come back with the tensors), ``encoded`` (bytes waiting for nvJPEG) or
     ``pixels`` (uint8 RGB CHW, waiting for the device resize); after the device stage every ready
     image has one tensor per model in ``tensors``. ``info`` holds the header facts in every case.
     """
@@ -115,6 +117,7 @@ def prepare_file(
     preprocessors: dict[int, Callable],
     is_known: Callable[[str], bool],
     jpeg_decoder: str | None = None,
+    processes: DecodeProcessPool | None = None,
 ) -> Prepared[T]:
     """Read and hash a file; unless its content is already stored, prepare it (:func:`prepare_bytes`)."""
     try:
@@ -132,6 +135,7 @@ def prepare_file(
         preprocessors=preprocessors,
         jpeg_decoder=jpeg_decoder,
         digest=digest,
+        processes=processes,
     )
 
 
@@ -144,6 +148,7 @@ def prepare_bytes(
     preprocessors: Mapping[int, Callable],
     jpeg_decoder: str | None = None,
     digest: str | None = None,
+    processes: DecodeProcessPool | None = None,
 ) -> Prepared[T]:
     """Check and decode image bytes for the road they take to the model, and preprocess them per model.
 
@@ -155,6 +160,10 @@ def prepare_bytes(
             only checked here, and left for nvJPEG (``gpu``; progressive JPEGs are decoded here) or
             decoded here to uint8 pixels with libjpeg-turbo (``cpu``); the device resizes them.
         digest: the bytes' content hash when the caller has it already.
+        processes: worker processes for the Pillow road (``ImageDecoder.processes``): when they are
+            warm and every preprocessor is a model's ``preprocess``, the image is decoded and
+            preprocessed there (same tensors, same errors) and only its bytes are kept for
+            :meth:`Prepared.pil_image`; otherwise (no worker up yet, a worker died) in this thread.
     """
     digest = digest or content_hash(data)
     if jpeg_decoder in ("gpu", "cpu") and sniff_format(data) == "JPEG":
@@ -174,6 +183,12 @@ def prepare_bytes(
             else:
                 return Prepared(source, content_hash=digest, info=info, pixels=pixels, data=data)
     try:
+        done = None
+        if processes is not None:  # None back: no worker up, a worker died, or a callable it cannot rebuild
+            done = processes.run(data, name=name, max_pixels=max_pixels, preprocessors=preprocessors)
+        if done is not None:
+            info, tensors = done
+            return Prepared(source, content_hash=digest, info=info, tensors=tensors, data=data)
         decoded = decode_image(data, max_pixels=max_pixels, name=name)
         tensors = {model_id: fn(decoded.image) for model_id, fn in preprocessors.items()}
     except ImageError as exc:

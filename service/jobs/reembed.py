@@ -19,6 +19,7 @@ from PIL import Image
 from sqlalchemy import func, select
 
 from service.db.models import Embedding, Item
+from service.decode_processes import DecodeProcessPool
 from service.image_store import ImageStore
 from service.item_writer import GalleryGoneError, missing_items
 from service.jobs.pipeline import Prepared, device_stage_for, prefetched_batches, prepare_file, stack
@@ -73,6 +74,7 @@ def run_reembed(ctx: JobContext) -> dict[str, object]:
         max_pixels=settings.max_image_pixels,
         preprocessors={model_id: runtime.model.preprocess},
         jpeg_decoder=stage.jpeg_decoder if stage is not None else None,
+        processes=state.decoder.processes,
     )
     failed_ids: set[int] = set()
     after_id = -1
@@ -147,6 +149,7 @@ def _prepare(
     max_pixels: int,
     preprocessors: dict[int, Callable[[Image.Image], torch.Tensor]],
     jpeg_decoder: str | None,
+    processes: DecodeProcessPool | None = None,
 ) -> Prepared[Item]:
     path = store.source_of(item.content_hash, item.image_format, item.source_path)
     return prepare_file(
@@ -156,4 +159,5 @@ def _prepare(
         preprocessors=preprocessors,
         is_known=lambda _: False,
         jpeg_decoder=jpeg_decoder,
+        processes=processes,
     )

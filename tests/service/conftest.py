@@ -139,6 +139,9 @@ def make_settings(
         "dataset_roots": [datasets_root] if datasets_root else [],
         "device": "cpu",
         "decode_threads": 2,
+        # Tests of the worker processes start their own (test_decode_processes.py); on a 4+-core
+        # machine the default would start a pool in every app of the suite.
+        "decode_processes": 0,
         "ingest_batch_size": 16,
         "snapshot_interval_s": 3600,
     }
