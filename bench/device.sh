@@ -194,9 +194,9 @@ for step in $steps; do
     fi
     step_env=()
     if [[ "$name" == service && "$quick" != 1 ]]; then
-        # The served galleries search on the GPU (exact, float16) unless told otherwise: the query
-        # path the issue measures (the step's JSON names the backend, device and dtype it served).
-        step_env=("REID_INDEX_BACKEND=${REID_DEVICE_SERVICE_INDEX:-torch}")
+        # The service's default (auto: exact float16 search on the GPU without faiss-gpu, FAISS on
+        # the GPU with it) unless told otherwise; the step's JSON names the backend, device, dtype.
+        step_env=("REID_INDEX_BACKEND=${REID_DEVICE_SERVICE_INDEX:-auto}")
     fi
     log "run $step (${flags[*]:-full}) ${step_env[*]:-}, hard limit ${left_hard}s"
     set +e
@@ -231,7 +231,7 @@ for name in names:
 figures["device_sh"] = {
     "steps": steps,
     "budget_s": int(budget),
-    "service_index_backend": os.environ.get("REID_DEVICE_SERVICE_INDEX", "torch") if kind == "gpu" else "faiss",
+    "service_index_backend": os.environ.get("REID_DEVICE_SERVICE_INDEX", "auto") if kind == "gpu" else "auto",
 }
 target = write_result(out / f"run-{kind}.json", "run", figures)
 print(f"wrote {target}: " + ", ".join(f"{k} {v}" for k, v in steps.items()))

@@ -24,6 +24,7 @@ from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import select
 
+from index import faiss_gpu
 from service.api import evaluation_views, evaluations, galleries, health, items, jobs, models, search
 from service.api.problems import describe_problem_bodies, install_problem_handlers
 from service.auth import ApiAccessMiddleware
@@ -139,6 +140,20 @@ def _load_models(settings: Settings, sessions: Any) -> ModelRegistry:
     return registry
 
 
+def exact_search_device(settings: Settings) -> str | None:
+    """Where ``index_backend=auto`` puts flat galleries: the models' GPU when FAISS cannot use it.
+
+    Without a faiss-gpu wheel FAISS searches on the CPU, and an exact search of one query there runs
+    on one core (bench/README.md); a matrix product on the GPU reads the gallery at memory speed.
+    """
+    if settings.index_backend != "auto":
+        return None
+    device = torch.device(settings.device or default_device())
+    if device.type != "cuda" or faiss_gpu.gpu_count() > 0:
+        return None
+    return str(device)
+
+
 def build_state(settings: Settings) -> ServiceState:
     """Everything blocking of the start-up (database, migrations, models, indexes)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -162,6 +177,7 @@ def build_state(settings: Settings) -> ServiceState:
         backend=settings.index_backend,
         backend_options=backend_options,
         snapshots_kept=settings.snapshots_kept,
+        exact_device=exact_search_device(settings),
     )
     indexes.open_all()
     return ServiceState(

@@ -30,7 +30,10 @@ def serve(
     dataset_root: list[Path] | None = typer.Option(
         None, "--dataset-root", help="Server-side folder that jobs may read; repeat for several."
     ),
-    index_backend: str | None = typer.Option(None, help="faiss, milvus or torch [default: faiss]."),
+    index_backend: str | None = typer.Option(
+        None, help="auto, faiss, milvus or torch [default: auto: torch for flat galleries on a GPU without "
+        "faiss-gpu, else faiss]."
+    ),
     device: str | None = typer.Option(None, help="Torch device for the models [default: cuda if available]."),
     config: Path | None = typer.Option(None, help="Settings file (YAML, or .env) [default: $REID_CONFIG]."),
     auth: str | None = typer.Option(

@@ -133,9 +133,12 @@ class IndexManager:
     Args:
         session_factory: database sessions.
         snapshot_dir: where snapshots are written.
-        backend: ``faiss`` or ``milvus`` (see ``index.create_index``).
+        backend: ``faiss``, ``milvus``, ``torch`` (see ``index.create_index``) or ``auto``: flat
+            (exact) indexes on the torch backend on ``exact_device`` when one is given, every
+            other index on FAISS.
         backend_options: extra keyword arguments of ``create_index`` (e.g. the Milvus URI).
         snapshots_kept: snapshots kept per index; older ones are deleted.
+        exact_device: with ``auto``, the GPU on which flat indexes search (None: FAISS for all).
     """
 
     def __init__(
@@ -146,12 +149,14 @@ class IndexManager:
         backend: str = "faiss",
         backend_options: dict[str, Any] | None = None,
         snapshots_kept: int = 2,
+        exact_device: str | None = None,
     ) -> None:
         self._sessions = session_factory
         self.snapshot_dir = Path(snapshot_dir)
         self.snapshot_dir.mkdir(parents=True, exist_ok=True)
         self.backend = backend
         self.backend_options = dict(backend_options or {})
+        self.exact_device = exact_device
         self.snapshots_kept = snapshots_kept
         self._galleries: dict[int, GalleryState] = {}
         self._registry_lock = threading.Lock()
@@ -175,13 +180,25 @@ class IndexManager:
 
     # ----------------------------------------------------------------- creation and start-up
 
+    def backend_for(self, spec: str) -> str:
+        """The backend that new indexes of this spec get."""
+        if self.backend != "auto":
+            return self.backend
+        return "torch" if spec == "flat" and self.exact_device is not None else "faiss"
+
+    def _options_for(self, backend: str) -> dict[str, Any]:
+        if self.backend != "auto":
+            return dict(self.backend_options)
+        return {"device": self.exact_device} if backend == "torch" and self.exact_device else {}
+
     def _new_index(self, gallery_id: int, model_id: int, dim: int, spec: str) -> VectorIndex:
-        options = dict(self.backend_options)
-        if self.backend == "milvus":
+        backend = self.backend_for(spec)
+        options = self._options_for(backend)
+        if backend == "milvus":
             # Milvus keeps collections itself: a new or rebuilt index starts from an empty one.
             options.setdefault("collection", f"reid_g{gallery_id}_m{model_id}")
             options["drop_existing"] = True
-        return create_index(backend=self.backend, spec=spec, dim=dim, **options)
+        return create_index(backend=backend, spec=spec, dim=dim, **options)
 
     def register_gallery(self, gallery_id: int, active_model_id: int) -> GalleryState:
         with self._registry_lock:
@@ -260,7 +277,7 @@ class IndexManager:
             if recorded is None:
                 # Left by a deleted gallery whose id was reused, or by another database: not ours.
                 raise SnapshotError(f"the database has no record of a snapshot at seq {last_seq}")
-            loaded = load_index(path, **self.backend_options)
+            loaded = load_index(path, **self._options_for(read_manifest(path).backend))
             if loaded.dim != dim:
                 raise SnapshotError(f"snapshot has dimension {loaded.dim}, the model {dim}")
         except Exception as exc:  # whatever is wrong with the files, the database has the truth

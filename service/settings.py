@@ -91,10 +91,12 @@ class Settings(BaseSettings):
     dataset_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list, description="Server-side folders that ingestion and evaluation jobs may read."
     )
-    index_backend: Literal["faiss", "milvus", "torch"] = Field(
-        "faiss",
-        description="faiss (in-process), milvus, or torch (exact search as a matrix product on the "
-        "GPU when there is one: the fastest exact search without a faiss-gpu wheel).",
+    index_backend: Literal["auto", "faiss", "milvus", "torch"] = Field(
+        "auto",
+        description="auto, faiss (in-process), milvus, or torch (exact search as a matrix product on the "
+        "GPU when there is one: the fastest exact search without a faiss-gpu wheel). auto: flat (exact) "
+        "galleries use torch on the models' GPU when FAISS sees none (no faiss-gpu wheel); everything "
+        "else uses FAISS (on the GPU with faiss-gpu).",
     )
     index_spec: str = Field("flat", description="Index spec of new galleries (see index.create_index).")
     milvus_uri: str | None = Field(None, description="Milvus URI; default: milvus-lite DATA_DIR/milvus.db.")

@@ -448,8 +448,9 @@ def test_compose_milvus_profile_is_complete_and_optional() -> None:
     assert reid["depends_on"]["milvus"] == {"condition": "service_healthy", "required": False}
     env = environment(reid)
     backend = re.fullmatch(r"\$\{REID_INDEX_BACKEND:-(\w+)\}", env["REID_INDEX_BACKEND"])
-    assert backend and backend.group(1) == "faiss", "the backend is chosen at `up` time, FAISS by default"
-    assert {"faiss", "milvus"} <= set(typing.get_args(Settings.model_fields["index_backend"].annotation))
+    assert backend and backend.group(1) == "auto", "the backend is chosen at `up` time, auto by default"
+    backends = set(typing.get_args(Settings.model_fields["index_backend"].annotation))
+    assert {"auto", "faiss", "milvus"} <= backends
     assert env["REID_MILVUS_URI"].endswith("milvus:19530")
     readme = (DOCKER / "README.md").read_text()
     assert "REID_INDEX_BACKEND=milvus" in readme and "--profile milvus" in readme

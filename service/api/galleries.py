@@ -55,8 +55,11 @@ def gallery_out(state: ServiceState, session: Session, gallery: Gallery) -> Gall
         .limit(1)
     )
     size = None
+    backend = state.indexes.backend_for(gallery.index_spec)
     if state.indexes.has(gallery.id, gallery.model_id):
-        size = len(state.indexes.gallery(gallery.id).indexes[gallery.model_id])
+        gi = state.indexes.gallery(gallery.id).indexes[gallery.model_id]
+        # The loaded index says which backend it is (a snapshot may hold another backend's index).
+        size, backend = len(gi), getattr(gi.index, "backend", backend)
     standby = None
     if gallery.standby_model is not None:
         standby = StandbyOut(
@@ -72,7 +75,7 @@ def gallery_out(state: ServiceState, session: Session, gallery: Gallery) -> Gall
         kind=gallery.model.kind,
         dim=gallery.model.dim,
         count=int(count or 0),
-        index={"backend": state.indexes.backend, "spec": gallery.index_spec, "size": size},
+        index={"backend": backend, "spec": gallery.index_spec, "size": size},
         last_snapshot=SnapshotOut(last_seq=snap.last_seq, count=snap.count, created_at=snap.created_at)
         if snap
         else None,

@@ -28,7 +28,7 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_defaults() -> None:
     s = load_settings()
-    assert s.host == "127.0.0.1" and s.port == 8000 and s.index_backend == "faiss"
+    assert s.host == "127.0.0.1" and s.port == 8000 and s.index_backend == "auto"
     assert s.models == [] and s.dataset_roots == []
     assert s.resolved_database_url.startswith("sqlite:///") and s.resolved_database_url.endswith(
         "reid.sqlite3"
