@@ -109,4 +109,7 @@ def configure_logging(log_format: LogFormat = "json", level: str | int = "INFO")
         server_logger = logging.getLogger(name)
         server_logger.handlers.clear()
         server_logger.propagate = True
+    # Python warnings (a library's deprecation, pydantic's schema notes) go through the same handler
+    # as records of the ``py.warnings`` logger: raw text on stderr would break a JSON log stream.
+    logging.captureWarnings(True)
     return handler

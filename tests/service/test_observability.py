@@ -8,6 +8,7 @@ import logging
 import re
 import string
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -412,7 +413,18 @@ def test_configure_logging_routes_everything_through_one_handler() -> None:
         assert root.handlers == [handler] and root.level == logging.WARNING
         assert isinstance(handler.formatter, JsonFormatter)
         assert uvicorn_logger.handlers == [] and uvicorn_logger.propagate
+        # A library's warning is one more JSON line, not raw text in the stream.
+        stream = io.StringIO()
+        handler.setStream(stream)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn("a library changed its mind", DeprecationWarning, stacklevel=1)
+        (line,) = stream.getvalue().splitlines()
+        record = json.loads(line)
+        assert record["logger"] == "py.warnings" and record["level"] == "WARNING"
+        assert "a library changed its mind" in record["message"]
     finally:
+        logging.captureWarnings(False)
         for h in list(root.handlers):
             root.removeHandler(h)
         for h in saved_handlers:
