@@ -143,8 +143,8 @@ def _load_models(settings: Settings, sessions: Any) -> ModelRegistry:
 def exact_search_device(settings: Settings) -> str | None:
     """Where ``index_backend=auto`` puts flat galleries: the models' GPU when FAISS cannot use it.
 
-    Without a faiss-gpu wheel FAISS searches on the CPU, and an exact search of one query there runs
-    on one core (bench/README.md); a matrix product on the GPU reads the gallery at memory speed.
+    Without a faiss-gpu wheel FAISS searches on the CPU: 59 ms for one query of 1M x 768 on 16 cores
+    against ~0.9 ms for the torch index's fp16 product on an H200 (bench/README.md).
     """
     if settings.index_backend != "auto":
         return None
