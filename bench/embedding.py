@@ -30,14 +30,18 @@ import argparse
 import copy
 import gc
 import io
+import json
 import logging
 import os
+import signal
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -386,11 +390,6 @@ def compile_case(
 
 
 def _run_compile_child(spec: dict[str, Any], limit: float) -> dict[str, Any]:
-    import json
-    import signal
-    import subprocess
-    import sys
-
     repo = Path(__file__).resolve().parents[1]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(repo), env.get("PYTHONPATH")) if p)
@@ -426,9 +425,6 @@ def _run_compile_child(spec: dict[str, Any], limit: float) -> dict[str, Any]:
 
 def compile_worker(spec_json: str) -> None:
     """The compile case's child process: measure (see :func:`compile_case`), print one result line."""
-    import json
-    import sys
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         result = _compile_measure(json.loads(spec_json))
@@ -439,8 +435,6 @@ def compile_worker(spec_json: str) -> None:
 
 
 def _compile_measure(spec: dict[str, Any]) -> dict[str, Any]:
-    from dataclasses import replace
-
     from training.inference import probe_batch
 
     case = ModelCase(spec["name"], spec["arch"], dict(spec["kwargs"]))
