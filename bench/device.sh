@@ -16,6 +16,13 @@
 #   3. merges the steps into $OUT/run-gpu.json (run-cpu-quick.json with REID_DEVICE_QUICK=1) and
 #      leaves every step's JSON and log, and this script's log, under $OUT.
 #
+# .device-wheels/ is git-ignored: fill it once on the development machine (numpy, Pillow, torch,
+# torchvision and timm are in the GPU machines' image) and carry it with the run:
+#   pip download --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+#       --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .device-wheels \
+#       faiss-cpu fastapi uvicorn sqlalchemy alembic pydantic-settings python-multipart httpx \
+#       typer safetensors pyyaml tqdm
+#
 # Knobs (environment): REID_DEVICE_STEPS (default "service embedding evaluation:quick fusion";
 # NAME:quick runs that benchmark in its quick form, index runs only where FAISS sees a GPU),
 # REID_DEVICE_BUDGET_S (soft budget, default 420), REID_DEVICE_HARD_S (hard deadline, default 470),
