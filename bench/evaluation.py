@@ -4,7 +4,7 @@ Sizes are those of Market-1501 (3,368 queries x 15,913 gallery images, 750 test 
 distractors, 6 cameras) and MSMT17 (11,659 x 82,161, 3,060 identities, 15 cameras), with random
 768-d float32 features clustered by identity (so mAP is neither 0 nor 1) and cosine distance.
 
-- ``ours``: :func:`index.metrics.evaluate_features` (chunked distance + sort, vectorised metrics).
+- ``ours``: :func:`evaluation.metrics.evaluate_features` (chunked distance + sort, vectorised metrics).
 - ``per-query numpy``: what torchreid's ``eval_market1501`` and most toolkits do: the full distance
   matrix, ``np.argsort`` of all of it, a full ``matches`` matrix, then a Python loop over queries.
   At MSMT17 size it would need ~16 bytes per (query, gallery) pair (about 14 GiB), so it runs on a
@@ -115,8 +115,8 @@ def _child(case_name: str, impl: str, device: str | None) -> dict[str, Any]:
     """One measurement, run in a fresh process so that peak memory belongs to it alone."""
     import torch
 
-    from index.distance import resolve_device
-    from index.metrics import evaluate_features
+    from evaluation.distance import resolve_device
+    from evaluation.metrics import evaluate_features
 
     case = CASES[case_name]
     data = make_split(case)

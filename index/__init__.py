@@ -1,4 +1,4 @@
-"""Vector indexes (FAISS, Milvus, torch) and retrieval evaluation. Depends on nothing else of ours.
+"""Vector indexes (FAISS, Milvus, torch) behind one contract, and their snapshots. Depends on nothing of ours.
 
 ``create_index(backend, spec, dim, **options)`` builds any index; every index follows the
 :class:`VectorIndex` contract of :mod:`index.base`. Backend classes (``FaissIndex``,

@@ -2,7 +2,7 @@
 
 An evaluation job keeps its embeddings (``query.npz`` and ``gallery.npz``) and the image file of each
 row (``samples.json``) in its folder. Ranking those embeddings again with
-:func:`index.metrics.rank_queries` (the same distances, order, protocol rule and AP code as the
+:func:`evaluation.metrics.rank_queries` (the same distances, order, protocol rule and AP code as the
 evaluation itself) gives every query's AP, whose mean over the valid queries is the stored mAP, and its
 top-k list, so neither has to be stored. A ranking costs one evaluation's worth of distance work, so the
 last few are cached, keyed by the folder and the files' sizes and modification times.
@@ -21,8 +21,8 @@ from typing import Generic, TypeVar
 
 import numpy as np
 
-from index.feature_file import FeatureFileError, load_feature_file
-from index.metrics import QueryRanking, rank_queries
+from evaluation.feature_file import FeatureFileError, load_feature_file
+from evaluation.metrics import QueryRanking, rank_queries
 from service.jobs.evaluate import FEATURE_FILES, SAMPLES_NAME
 
 logger = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ def rank_evaluation(
 
     Raises:
         RankListsGoneError: ``query.npz`` or ``gallery.npz`` is missing or unreadable.
-        index.metrics.EvaluationError, index.rerank.RerankMemoryError: as :func:`rank_queries`.
+        evaluation.metrics.EvaluationError, evaluation.rerank.RerankMemoryError: as :func:`rank_queries`.
     """
     folder = Path(folder).resolve()
     names = (FEATURE_FILES["query"], FEATURE_FILES["gallery"])

@@ -50,7 +50,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     except ImportError:  # optional extra
         pass
     try:
-        from index.metrics import EvaluationError
+        from evaluation.metrics import EvaluationError
 
         errors.append(EvaluationError)
     except ImportError:
@@ -219,7 +219,7 @@ def evaluate_command(
 ) -> None:
     """Embed a dataset's test split with an exported model and evaluate (JSON as evaluate-features)."""
     with friendly_errors():
-        from index.metrics import format_table
+        from evaluation.metrics import format_table
         from training.data.registry import build_dataset, dataset_options
         from training.data.transforms import build_test_transform
         from training.distributed import resolve_device

@@ -130,7 +130,7 @@ def evaluate_embedder(
     Raises:
         index.metrics.EvaluationError: nothing valid to evaluate.
     """
-    from index.metrics import evaluate_features, vehicleid_protocol
+    from evaluation.metrics import evaluate_features, vehicleid_protocol
 
     chosen = protocol_for(dataset, protocol)
     if chosen == "market1501":

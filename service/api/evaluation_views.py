@@ -70,8 +70,8 @@ def _gone(exc: Exception) -> Problem:
 
 
 def _worst_queries(state: ServiceState, evaluation_id: int, limit: int, k: int) -> WorstQueries:
-    from index.metrics import EvaluationError
-    from index.rerank import RerankMemoryError
+    from evaluation.metrics import EvaluationError
+    from evaluation.rerank import RerankMemoryError
 
     ev = _finished_evaluation(state, evaluation_id)
     if ev["protocol"] == "vehicleid":

@@ -141,7 +141,7 @@ def _rerank(
     query: np.ndarray, cand: list[tuple[int, float]], vectors: dict[int, np.ndarray]
 ) -> list[tuple[int, float]]:
     """k-reciprocal re-ranking of one query's candidates; score = 1 - re-ranked distance."""
-    from index.rerank import re_ranking
+    from evaluation.rerank import re_ranking
 
     cand = [c for c in cand if c[0] in vectors]
     g = np.stack([vectors[i] for i, _ in cand]).astype(np.float32)

@@ -1,8 +1,8 @@
-"""The evaluation job: embed a labelled dataset with a served model and score it with ``index.metrics``.
+"""The evaluation job: embed a labelled dataset with a served model and score it with ``evaluation.metrics``.
 
 The numbers are those of ``reid evaluate-features`` on the same embeddings, because both call the
-same functions: :func:`index.metrics.evaluate_features` for query-against-gallery protocols
-(``market1501`` and every layout with a query split) and :func:`index.metrics.vehicleid_protocol`
+same functions: :func:`evaluation.metrics.evaluate_features` for query-against-gallery protocols
+(``market1501`` and every layout with a query split) and :func:`evaluation.metrics.vehicleid_protocol`
 for VehicleID. The embeddings are kept next to the result as feature files (``query.npz`` and
 ``gallery.npz``, or ``features.npz`` for VehicleID), so ``reid evaluate-features`` can re-derive the
 numbers offline.
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from index.feature_file import save_feature_file
+from evaluation.feature_file import save_feature_file
 from service.db.models import Evaluation, ModelRow
 from service.db.session import transaction
 from service.decode_processes import DecodeProcessPool
@@ -103,7 +103,7 @@ def _prepare(
 
 def run_evaluate(ctx: JobContext) -> dict[str, Any]:
     """Job handler for ``evaluate``: foreseeable mistakes fail the job with their message, no trace."""
-    from index.metrics import EvaluationError
+    from evaluation.metrics import EvaluationError
     from training.data.errors import DatasetError
 
     try:
@@ -119,7 +119,7 @@ def run_evaluate(ctx: JobContext) -> dict[str, Any]:
 
 
 def _evaluate(ctx: JobContext) -> dict[str, Any]:
-    from index.metrics import evaluate_features, vehicleid_protocol
+    from evaluation.metrics import evaluate_features, vehicleid_protocol
     from training.data.registry import build_dataset
 
     settings = ctx.state.settings
@@ -208,7 +208,7 @@ def _evaluate(ctx: JobContext) -> dict[str, Any]:
         "model": model_row.name,
         "model_version": model_row.version,
         "dataset": dataset.name,
-        # Distances are computed exactly by index.metrics (no approximate vector index involved).
+        # Distances are computed exactly by evaluation.metrics (no approximate vector index involved).
         "index_spec": "exact",
         # GPU decoding differs from Pillow by ~0.07/255 per pixel: enough to move a 4th decimal.
         "jpeg_decoding": decoding,

@@ -26,7 +26,7 @@ from PIL import Image
 import service.api.uploads
 import service.jobs.evaluate
 import service.jobs.reembed
-from index.feature_file import load_feature_file
+from evaluation.feature_file import load_feature_file
 from service.api.uploads import embed_prepared
 from service.app import create_app
 from service.jobs.evaluate import evaluation_dir

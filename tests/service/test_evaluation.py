@@ -1,4 +1,4 @@
-"""Service evaluations equal the offline numbers (``index.metrics``, i.e. ``reid evaluate-features``)."""
+"""Service evaluations equal the offline numbers (``evaluation.metrics``, i.e. ``reid evaluate-features``)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from index.feature_file import load_feature_file
-from index.metrics import evaluate_features
+from evaluation.feature_file import load_feature_file
+from evaluation.metrics import evaluate_features
 from service.jobs.evaluate import evaluation_dir
 from tests.service.conftest import wait_for_job
 
@@ -85,7 +85,7 @@ def test_market1501_evaluation_equals_offline(
 
 
 def test_vehicleid_evaluation_equals_offline(client: TestClient, datasets_root: Path) -> None:
-    from index.metrics import vehicleid_protocol
+    from evaluation.metrics import vehicleid_protocol
     from training.data.synthetic import write_synthetic
 
     root = datasets_root / "vehicleid"

@@ -1,7 +1,7 @@
 """Rank lists of evaluations (worst queries, their crops), the web page's serving, and newest-first listings.
 
-Three layers: :func:`index.metrics.rank_queries` against a plain-Python reference and against the
-means of :func:`index.metrics.evaluate_features`; the two evaluation-view endpoints on a hand-made
+Three layers: :func:`evaluation.metrics.rank_queries` against a plain-Python reference and against the
+means of :func:`evaluation.metrics.evaluate_features`; the two evaluation-view endpoints on a hand-made
 evaluation whose worst query is known, then on a real evaluation job; and the page, its security
 headers and ``order=desc`` through the real app.
 """
@@ -21,8 +21,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from index.feature_file import save_feature_file
-from index.metrics import EvaluationError, evaluate_features, rank_queries
+from evaluation.feature_file import save_feature_file
+from evaluation.metrics import EvaluationError, evaluate_features, rank_queries
 from service.db.models import Evaluation, Job, ModelRow
 from service.db.session import transaction
 from service.jobs.evaluate import SAMPLES_NAME, evaluation_dir

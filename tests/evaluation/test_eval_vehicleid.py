@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from index.metrics import EvaluationError, evaluate_features, vehicleid_protocol
+from evaluation.metrics import EvaluationError, evaluate_features, vehicleid_protocol
 
 
 def vehicle_features(seed: int = 0, num_ids: int = 40, per_id: int = 5, dim: int = 16, noise: float = 1.0):

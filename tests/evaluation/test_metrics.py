@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from index.distance import distance_matrix
-from index.metrics import (
+from evaluation.distance import distance_matrix
+from evaluation.metrics import (
     EvaluationError,
     _sorted_hits_numpy,
     _sorted_hits_torch,

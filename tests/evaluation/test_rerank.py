@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-import index.rerank as rerank_module
-from index.distance import distance_matrix
-from index.metrics import evaluate_distmat, evaluate_features
-from index.rerank import (
+import evaluation.rerank as rerank_module
+from evaluation.distance import distance_matrix
+from evaluation.metrics import evaluate_distmat, evaluate_features
+from evaluation.rerank import (
     RerankError,
     RerankMemoryError,
     _stable_topk,
@@ -156,7 +156,7 @@ def test_evaluate_features_refuses_before_building_the_matrices(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("distance matrices must not be built for a refused re-ranking")
 
-    monkeypatch.setattr("index.metrics.distance_matrix", fail)
+    monkeypatch.setattr("evaluation.metrics.distance_matrix", fail)
     with pytest.raises(RerankMemoryError):
         evaluate_features(x[:10], x[10:], ids[:10], ids[10:], np.zeros(10), np.ones(40), rerank=True,
                           device="cpu", rerank_max_memory_bytes=4096)

@@ -42,10 +42,10 @@ def evaluate_features_command(
     ] = False,
 ) -> None:
     """Evaluate stored features: mAP, CMC and mINP under the Market-1501 or VehicleID protocol."""
-    from index.distance import DistanceError
-    from index.feature_file import FeatureFileError, load_feature_file
-    from index.metrics import EvaluationError, evaluate_features, format_table, vehicleid_protocol
-    from index.rerank import RerankError, RerankMemoryError
+    from evaluation.distance import DistanceError
+    from evaluation.feature_file import FeatureFileError, load_feature_file
+    from evaluation.metrics import EvaluationError, evaluate_features, format_table, vehicleid_protocol
+    from evaluation.rerank import RerankError, RerankMemoryError
 
     try:
         if gallery is None:

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from index.distance import DEFAULT_CHUNK_BYTES, resolve_device
+from evaluation.distance import DEFAULT_CHUNK_BYTES, resolve_device
 
 logger = logging.getLogger(__name__)
 

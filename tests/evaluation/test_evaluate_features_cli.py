@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from index.feature_file import FeatureFileError, load_feature_file, save_feature_file
-from index.metrics import evaluate_features
+from evaluation.feature_file import FeatureFileError, load_feature_file, save_feature_file
+from evaluation.metrics import evaluate_features
 from reid_cli import _load_commands, app
 
 

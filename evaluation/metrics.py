@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from index.distance import (
+from evaluation.distance import (
     DistanceError,
     PreparedGallery,
     as_tensor,
@@ -61,7 +61,7 @@ from index.distance import (
     resolve_device,
     rows_per_chunk,
 )
-from index.rerank import RerankError, re_ranking
+from evaluation.rerank import RerankError, re_ranking
 
 logger = logging.getLogger(__name__)
 
@@ -457,9 +457,9 @@ def evaluate_features(
 
     Distances are computed and ranked one chunk of queries at a time on ``device`` (default: CUDA when
     torch sees a GPU, else the CPU), so the working set stays near 256 MB whatever the gallery size.
-    With ``rerank=True`` the k-reciprocal re-ranking (:func:`index.rerank.re_ranking`) needs the dense
+    With ``rerank=True`` the k-reciprocal re-ranking (:func:`evaluation.rerank.re_ranking`) needs the dense
     query-gallery, query-query and gallery-gallery distances of ``metric``; it refuses with
-    :class:`index.rerank.RerankMemoryError` (before computing them) when they would not fit.
+    :class:`evaluation.rerank.RerankMemoryError` (before computing them) when they would not fit.
 
     Args:
         q_feats, g_feats: (m, d) and (n, d) float features (numpy or torch).
@@ -534,7 +534,7 @@ def _reranked_distances(
     max_memory_bytes: int | None,
 ) -> np.ndarray:
     """The k-reciprocal re-ranked (num_query x num_gallery) distances of ``metric``, as float32 numpy."""
-    from index.rerank import check_rerank_memory
+    from evaluation.rerank import check_rerank_memory
 
     itemsize = torch.finfo(compute_dtype(q, g)).bits // 8
     # Refuse before the three dense input matrices are built, counting them too.
