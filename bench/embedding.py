@@ -12,7 +12,7 @@ Every figure comes with its reference measured in the same run, on the same devi
    the machine's time; on a CPU it is not run (compiling takes minutes).
 2. **decode**: 64x128 JPEG crops: one batched nvJPEG call per 256 (GPU), against Pillow decode +
    resize on one core and the decode pool, and libjpeg-turbo (torchvision) per core and pooled.
-3. **ingest**: JPEG files on disk through the ingestion pipeline (``service.jobs.pipeline``: read,
+3. **ingest**: JPEG files on disk through the ingestion pipeline (``service.imaging.preparation``: read,
    hash, check, decode, preprocess, pinned upload, embed) against the pure forward at the same batch
    size (goal on a GPU: >= 0.9x), for each JPEG road (gpu = nvJPEG, cpu = libjpeg-turbo + GPU resize,
    pil = everything on the CPU).
@@ -514,7 +514,7 @@ def _pillow_process_pool(
     The same crops and transform (``spec``, a ``Preprocess``) as ``pillow_preprocess_pool``, the
     thread pool that feeds the workers here, in the same run.
     """
-    from service.decode_processes import DecodeProcessPool
+    from service.imaging.processes import DecodeProcessPool
 
     started = time.perf_counter()
     workers = DecodeProcessPool(processes)
@@ -539,7 +539,7 @@ def _pillow_process_pool(
 
 def decode_case(cfg: Config, crops: list[bytes]) -> dict[str, Any]:
     """Images/s of each decoder on the same crops (see the module docstring)."""
-    from service.image_decoding import decode_image
+    from service.imaging.decoding import decode_image
     from training.data.transforms import Preprocess, build_test_transform
     from training.inference import TensorPreprocess, decode_jpegs
 
@@ -616,7 +616,7 @@ def decode_case(cfg: Config, crops: list[bytes]) -> dict[str, Any]:
 
 def ingest_case(case: ModelCase, cfg: Config, files: list[Path], workdir: Path) -> dict[str, Any]:
     """Pipeline images/s per JPEG road against the pure forward at the same batch size."""
-    from service.jobs.pipeline import device_stage_for, prefetched_batches, prepare_file, stack
+    from service.imaging.preparation import device_stage_for, prefetched_batches, prepare_file, stack
     from training.export import export_model, load_model
 
     model_dir = export_model(

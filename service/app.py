@@ -33,8 +33,8 @@ from service.db.models import ModelRow
 from service.db.session import create_db_engine, make_session_factory, transaction
 from service.embedder import MicroBatcher, ModelRegistry, ModelRuntime, default_device
 from service.gallery_index import IndexManager
-from service.image_decoding import ImageDecoder
-from service.image_store import ImageStore
+from service.imaging.pools import ImageDecoder
+from service.imaging.store import ImageStore
 from service.item_writer import ItemWriter
 from service.jobs.evaluate import run_evaluate
 from service.jobs.ingest import run_ingest

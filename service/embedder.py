@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from service.jobs.pipeline import stack
+from service.imaging.preparation import stack
 from training.export import LoadedModel
 
 logger = logging.getLogger(__name__)

@@ -14,8 +14,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.embedder import ModelRegistry
 from service.gallery_index import IndexManager
-from service.image_decoding import ImageDecoder
-from service.image_store import ImageStore
+from service.imaging.pools import ImageDecoder
+from service.imaging.store import ImageStore
 from service.item_writer import ItemWriter
 from service.settings import Settings
 

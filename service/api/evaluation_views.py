@@ -22,7 +22,7 @@ from service.api.deps import Scope, State, authorize
 from service.api.problems import PROBLEM_RESPONSES, Problem, not_found, problem_responses
 from service.api.schemas import RankedGalleryImage, WorstQueries, WorstQuery
 from service.db.models import Evaluation
-from service.image_store import ImageMissingError
+from service.imaging.store import ImageMissingError
 from service.jobs.evaluate import evaluation_dir
 from service.jobs.sources import inside_roots
 from service.rank_lists import MAX_RANK_LIST, RankListsGoneError, evaluation_samples, rank_evaluation

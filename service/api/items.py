@@ -19,7 +19,7 @@ from service.api.problems import PROBLEM_RESPONSES, Problem, not_found, problem_
 from service.api.schemas import ItemOut, Page, SortOrder
 from service.api.uploads import embed_prepared, parse_time, per_image, prepare_uploads, read_uploads
 from service.db.models import Gallery, Item
-from service.image_store import ImageMissingError
+from service.imaging.store import ImageMissingError
 from service.item_writer import (
     GalleryGoneError,
     GalleryModelsChangedError,

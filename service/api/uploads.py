@@ -12,8 +12,8 @@ from fastapi import UploadFile
 
 from service.api.problems import Problem
 from service.embedder import EmbedderBusyError, EmbedderClosedError, EmbeddingFailedError, ModelRuntime
-from service.image_decoding import ImageError, ImageTooLargeError, UnsupportedImageError
-from service.jobs.pipeline import Prepared, device_stage_for, prepare_bytes
+from service.imaging.decoding import ImageError, ImageTooLargeError, UnsupportedImageError
+from service.imaging.preparation import Prepared, device_stage_for, prepare_bytes
 from service.state import ServiceState
 
 
@@ -43,7 +43,7 @@ async def prepare_uploads(
     """Check, decode and preprocess every upload for these models (model id -> runtime).
 
     Off the event loop, in the decoder pool. When the models run on a GPU, JPEGs take the road of
-    ingestion (:func:`service.jobs.pipeline.device_stage_for`): only their header is checked here,
+    ingestion (:func:`service.imaging.preparation.device_stage_for`): only their header is checked here,
     then nvJPEG decodes them and the GPU resizes them, so a query does not pay Pillow's ~1 ms; other
     formats are decoded by Pillow and copied up. The first bad upload answers 415/413/422 naming it.
     """

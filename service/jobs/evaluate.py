@@ -23,9 +23,9 @@ import numpy as np
 from evaluation.feature_file import save_feature_file
 from service.db.models import Evaluation, ModelRow
 from service.db.session import transaction
-from service.decode_processes import DecodeProcessPool
 from service.embedder import ModelUnavailableError
-from service.jobs.pipeline import Prepared, device_stage_for, prefetched_batches, prepare_file, stack
+from service.imaging.preparation import Prepared, device_stage_for, prefetched_batches, prepare_file, stack
+from service.imaging.processes import DecodeProcessPool
 from service.jobs.runner import JobContext, JobFailedError
 from service.jobs.sources import DatasetPathForbiddenError, DatasetPathInvalidError, resolve_dataset_root
 

@@ -24,9 +24,9 @@ from PIL import Image
 from sqlalchemy import select
 
 from service.db.models import Item
-from service.decode_processes import DecodeProcessPool
+from service.imaging.preparation import Prepared, device_stage_for, prefetched_batches, prepare_file, stack
+from service.imaging.processes import DecodeProcessPool
 from service.item_writer import GalleryGoneError, GalleryModelsChangedError, NewItem, gallery_model_ids
-from service.jobs.pipeline import Prepared, device_stage_for, prefetched_batches, prepare_file, stack
 from service.jobs.runner import JobContext, JobFailedError
 from service.jobs.sources import (
     DatasetPathForbiddenError,

@@ -19,10 +19,10 @@ from PIL import Image
 from sqlalchemy import func, select
 
 from service.db.models import Embedding, Item
-from service.decode_processes import DecodeProcessPool
-from service.image_store import ImageStore
+from service.imaging.preparation import Prepared, device_stage_for, prefetched_batches, prepare_file, stack
+from service.imaging.processes import DecodeProcessPool
+from service.imaging.store import ImageStore
 from service.item_writer import GalleryGoneError, missing_items
-from service.jobs.pipeline import Prepared, device_stage_for, prefetched_batches, prepare_file, stack
 from service.jobs.runner import JobContext, JobFailedError
 
 logger = logging.getLogger(__name__)

@@ -27,16 +27,16 @@ from sqlalchemy import select
 
 from service.app import create_app
 from service.db.models import Embedding, Item
-from service.decode_processes import DecodeProcessPool, preprocess_spec
-from service.image_decoding import (
+from service.imaging.decoding import (
     ImageDecodeError,
-    ImageDecoder,
     ImageTooLargeError,
     UnsupportedImageError,
     decode_image,
     probe_image,
 )
-from service.jobs.pipeline import Prepared, prepare_bytes
+from service.imaging.pools import ImageDecoder
+from service.imaging.preparation import Prepared, prepare_bytes
+from service.imaging.processes import DecodeProcessPool, preprocess_spec
 from service.settings import Settings
 from tests.service.conftest import make_settings, wait_for_job
 from training.export import LoadedModel, load_model
@@ -216,7 +216,7 @@ def test_a_killed_worker_sends_its_image_back_and_is_replaced(
         os.kill(pid, signal.SIGKILL)
         assert not wait_gone([pid])
         data = encode("PNG", "RGB", (30, 60), 5)
-        with caplog.at_level(logging.WARNING, logger="service.decode_processes"):
+        with caplog.at_level(logging.WARNING, logger="service.imaging.processes"):
             thread, fallback = both_roads(data, pool, {1: models[1]})
         assert fallback.error is None and fallback.decoded is not None  # decoded in this thread
         assert torch.equal(fallback.tensors[1], thread.tensors[1])
@@ -254,7 +254,7 @@ def test_closing_while_workers_start_leaves_none_behind(caplog: pytest.LogCaptur
 
     others = workers()  # other tests' pools
     pool = DecodeProcessPool(2)
-    with caplog.at_level(logging.WARNING, logger="service.decode_processes"):
+    with caplog.at_level(logging.WARNING, logger="service.imaging.processes"):
         pool.start()  # returns at once; the workers start in the background
         pool.close()
     after_close = workers() - others
@@ -274,7 +274,7 @@ def test_closing_while_workers_start_leaves_none_behind(caplog: pytest.LogCaptur
 def test_workers_exit_when_the_service_process_is_killed() -> None:
     script = (
         "import os, signal, sys\n"
-        "from service.decode_processes import DecodeProcessPool\n"
+        "from service.imaging.processes import DecodeProcessPool\n"
         "if __name__ == '__main__':\n"
         "    pool = DecodeProcessPool(2)\n"
         "    pool.start()\n"

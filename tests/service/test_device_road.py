@@ -1,6 +1,6 @@
 """The GPU decoding road of uploads, evaluation and re-embedding jobs, exercised on the CPU.
 
-On a GPU machine :func:`service.jobs.pipeline.device_stage_for` returns a stage that decodes JPEGs
+On a GPU machine :func:`service.imaging.preparation.device_stage_for` returns a stage that decodes JPEGs
 with nvJPEG and resizes them on the device. Here it is replaced by the same
 :class:`DeviceBatchStage` on the CPU device (torchvision's decoder, tensor resize), which runs every
 step of that road except the CUDA calls: these tests check that each caller takes the road, that
@@ -29,8 +29,8 @@ import service.jobs.reembed
 from evaluation.feature_file import load_feature_file
 from service.api.uploads import embed_prepared
 from service.app import create_app
+from service.imaging.preparation import DeviceBatchStage, prepare_bytes
 from service.jobs.evaluate import evaluation_dir
-from service.jobs.pipeline import DeviceBatchStage, prepare_bytes
 from service.settings import ModelSpec
 from tests.service.conftest import jpeg_bytes, make_settings, wait_for_job
 from tests.service.test_recovery import upload

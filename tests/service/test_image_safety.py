@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from service.image_decoding import (
+from service.imaging.decoding import (
     ImageDecodeError,
     ImageTooLargeError,
     UnsupportedImageError,

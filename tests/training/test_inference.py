@@ -342,7 +342,7 @@ def _write(path: Path, data: bytes) -> Path:
 
 
 def _prepare_all(paths: list[Path], jpeg_decoder: str | None, model) -> list:
-    from service.jobs.pipeline import prepare_file
+    from service.imaging.preparation import prepare_file
 
     return [
         prepare_file(
@@ -359,7 +359,7 @@ def _prepare_all(paths: list[Path], jpeg_decoder: str | None, model) -> list:
 
 @pytest.mark.parametrize("jpeg_decoder", ["gpu", "cpu"])
 def test_device_stage_gives_the_embeddings_of_the_pillow_road(tmp_path: Path, jpeg_decoder: str) -> None:
-    from service.jobs.pipeline import DeviceBatchStage
+    from service.imaging.preparation import DeviceBatchStage
 
     model = load_model(_exported(tmp_path, "bicubic"), "cpu")
     png = io.BytesIO()
@@ -403,7 +403,7 @@ def test_device_stage_gives_the_embeddings_of_the_pillow_road(tmp_path: Path, jp
 
 def test_device_stage_falls_back_to_pillow_when_the_batch_decoder_fails(tmp_path: Path, monkeypatch) -> None:
     import training.inference
-    from service.jobs.pipeline import DeviceBatchStage
+    from service.imaging.preparation import DeviceBatchStage
 
     model = load_model(_exported(tmp_path, "bilinear"), "cpu")
     paths = [_write(tmp_path / f"{i}.jpg", _jpeg(32, 64, 20 + i)) for i in range(3)]
@@ -430,7 +430,7 @@ def test_device_stage_falls_back_to_pillow_when_the_batch_decoder_fails(tmp_path
 def test_prefetched_batches_run_the_stage_in_order() -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from service.jobs.pipeline import Prepared, prefetched_batches
+    from service.imaging.preparation import Prepared, prefetched_batches
 
     seen: list[list[int]] = []
 
@@ -465,7 +465,7 @@ def test_prefetched_batches_run_the_stage_in_order() -> None:
 def test_jpeg_frame_reads_what_pillow_reads(
     mode: str, options: dict, expected_mode: str, progressive: bool
 ) -> None:
-    from service.image_decoding import jpeg_frame, probe_image
+    from service.imaging.decoding import jpeg_frame, probe_image
 
     buf = io.BytesIO()
     Image.open(io.BytesIO(_jpeg(37, 91, 3))).convert(mode).save(buf, "JPEG", **options)
@@ -473,14 +473,14 @@ def test_jpeg_frame_reads_what_pillow_reads(
     assert jpeg_frame(data) == (37, 91, expected_mode, progressive)
     info = probe_image(data, max_pixels=37 * 91)
     assert (info.width, info.height, info.mode, info.progressive) == (37, 91, expected_mode, progressive)
-    from service.image_decoding import ImageTooLargeError
+    from service.imaging.decoding import ImageTooLargeError
 
     with pytest.raises(ImageTooLargeError, match="37x91"):
         probe_image(data, max_pixels=37 * 91 - 1)
 
 
 def test_jpeg_frame_leaves_cmyk_to_pillow() -> None:
-    from service.image_decoding import jpeg_frame, probe_image
+    from service.imaging.decoding import jpeg_frame, probe_image
 
     buf = io.BytesIO()
     Image.new("CMYK", (20, 30)).save(buf, "JPEG")
@@ -493,7 +493,7 @@ def test_jpeg_frame_leaves_cmyk_to_pillow() -> None:
 )
 @settings(max_examples=150, deadline=None)
 def test_jpeg_frame_never_raises_on_damaged_bytes(cut: int, flips: list[tuple[int, int]]) -> None:
-    from service.image_decoding import jpeg_frame
+    from service.imaging.decoding import jpeg_frame
 
     data = bytearray(_jpeg(32, 64, 4))[: max(4, cut)]
     for pos, value in flips:

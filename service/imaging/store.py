@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from service.image_decoding import EXTENSIONS
+from service.imaging.decoding import EXTENSIONS
 
 
 class ImageMissingError(FileNotFoundError):

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import torch
 from PIL import Image
 
-from service.image_decoding import (
+from service.imaging.decoding import (
     DecodedImage,
     ImageError,
     ImageInfo,
@@ -42,7 +42,7 @@ from service.image_decoding import (
 )
 
 if TYPE_CHECKING:
-    from service.decode_processes import DecodeProcessPool
+    from service.imaging.processes import DecodeProcessPool
     from training.export import LoadedModel
 
 logger = logging.getLogger(__name__)

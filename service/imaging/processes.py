@@ -4,14 +4,14 @@ Pillow releases the GIL while it decodes, but the rest of the road (opening, mod
 ``ToTensor``, ``Normalize``, the Python around them) holds it: a pool of threads preprocesses
 little faster than one core (1,009 images/s on one core, 1,002 with 16 threads on a 16-core
 machine, ``bench/README.md``). Here each image goes to a worker process, which decodes it with
-:func:`service.image_decoding.decode_image` and applies each model's test-time transform,
+:func:`service.imaging.decoding.decode_image` and applies each model's test-time transform,
 rebuilt in the worker from the model's saved :class:`~training.data.transforms.Preprocess` and
 cached there, so the tensors are bit-identical to the thread road's. A model is never pickled.
 
 Each worker has its own pipe and its own shared-memory buffer. The calling thread (one of the
 service's decode threads) sends the image bytes and the transform specs down the pipe; the worker
 writes the float32 results into its buffer and answers with the header facts
-(:class:`~service.image_decoding.ImageInfo`) and where the arrays lie; the caller copies them
+(:class:`~service.imaging.decoding.ImageInfo`) and where the arrays lie; the caller copies them
 out. On a 2-core machine this costs the service process ~0.2 ms of CPU per 256x128 image, against
 ~1.2 ms for decoding it in a thread, and ~0.3-0.65 ms with ``concurrent.futures.ProcessPoolExecutor``
 (its feeder and manager threads, and the 393 KB result through its pipe).
@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from service.image_decoding import ImageInfo, decode_image
+from service.imaging.decoding import ImageInfo, decode_image
 from training.data.transforms import Preprocess, build_test_transform
 
 logger = logging.getLogger(__name__)
