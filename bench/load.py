@@ -210,7 +210,7 @@ async def _watch(
     url: str, job_location: str, stop: asyncio.Event, labels: dict[str, str], period_s: float = 0.25
 ) -> dict[str, Any]:
     """Poll the job (set ``stop`` when it ends) and scrape ``/metrics`` while the load runs."""
-    from service.metrics import read_samples
+    from service.http.prometheus import read_samples
 
     seen_progress, max_depth, scrapes = False, 0.0, 0
     async with httpx.AsyncClient(base_url=url, timeout=30) as client:
@@ -351,7 +351,7 @@ def run_scenario(workdir: Path, scenario: Scenario, device: str = "cpu") -> dict
         )
         job = wait_job(client, job_location)
         count = client.get(f"/v1/galleries/{gallery_id}").json()["count"]
-        from service.metrics import read_samples
+        from service.http.prometheus import read_samples
 
         metrics = client.get("/metrics").text
         metrics_search = sum(read_samples(metrics, "reid_http_requests_total", {"route": SEARCH_ROUTE}))

@@ -26,13 +26,16 @@ from sqlalchemy import select
 
 from index import faiss_gpu
 from service.api import evaluation_views, evaluations, galleries, health, items, jobs, models, search
-from service.api.problems import describe_problem_bodies, install_problem_handlers
-from service.auth import ApiAccessMiddleware
 from service.db import migrate
 from service.db.models import ModelRow
 from service.db.session import create_db_engine, make_session_factory, transaction
 from service.embedder import MicroBatcher, ModelRegistry, ModelRuntime, default_device
 from service.gallery_index import IndexManager
+from service.http.auth import ApiAccessMiddleware
+from service.http.limits import BodySizeLimitMiddleware, document_request_limits, require_declared_media_type
+from service.http.observability import install_observability
+from service.http.problems import describe_problem_bodies, install_problem_handlers
+from service.http.rate_limit import RateLimiter
 from service.imaging.pools import ImageDecoder
 from service.imaging.store import ImageStore
 from service.item_writer import ItemWriter
@@ -40,9 +43,6 @@ from service.jobs.evaluate import run_evaluate
 from service.jobs.ingest import run_ingest
 from service.jobs.reembed import run_reembed
 from service.jobs.runner import JobRunner
-from service.limits import BodySizeLimitMiddleware, document_request_limits, require_declared_media_type
-from service.observability import install_observability
-from service.rate_limit import RateLimiter
 from service.settings import Settings
 from service.state import ServiceState
 

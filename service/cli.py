@@ -66,7 +66,7 @@ def serve(
         auth=auth,
     )
     _preflight(settings)
-    from service.log_format import configure_logging
+    from service.http.log_format import configure_logging
 
     # Before the imports below: some of them (alembic) already log.
     configure_logging(settings.log_format, log_level)
@@ -96,7 +96,7 @@ def _preflight(settings: Any) -> None:
         typer.echo(
             "warning: no model configured (--model NAME=MODEL_DIR); searches will be refused", err=True
         )
-    from service.auth import is_loopback_host
+    from service.http.auth import is_loopback_host
 
     if settings.auth_enabled:
         typer.echo(
@@ -200,9 +200,9 @@ keys_app = typer.Typer(
 
 def _key_store(database_url: str | None, config: Path | None) -> tuple[Any, Any]:
     """The key store on the same database as `reid serve`, its schema brought to head first."""
-    from service.auth import ApiKeyStore
     from service.db import migrate
     from service.db.session import make_session_factory
+    from service.http.auth import ApiKeyStore
 
     settings = _settings(config, database_url=database_url)
     engine = _engine(database_url, config)
@@ -227,7 +227,7 @@ def keys_create(
     config: Path | None = ConfigOption,
 ) -> None:
     """Create a key and print it once: only its hash is stored, it cannot be shown again."""
-    from service.auth import ApiKeyError
+    from service.http.auth import ApiKeyError
 
     store, engine = _key_store(database_url, config)
     try:
@@ -280,7 +280,7 @@ def keys_revoke(
     config: Path | None = ConfigOption,
 ) -> None:
     """Revoke a key; a running service stops accepting it within REID_AUTH_CACHE_S seconds."""
-    from service.auth import ApiKeyError
+    from service.http.auth import ApiKeyError
 
     store, engine = _key_store(database_url, config)
     try:

@@ -91,7 +91,7 @@ class MicroBatcher:
         self.batches = 0
         self.images = 0
         #: Called after each batch with (seconds each of its requests waited in the queue, seconds
-        #: the batch took); the service's metrics set it (service.metrics).
+        #: the batch took); the service's metrics set it (service.http.prometheus).
         self.on_batch: Callable[[list[float], float], None] | None = None
 
     def start(self) -> None:

@@ -230,7 +230,7 @@ class Settings(BaseSettings):
     @property
     def auth_enabled(self) -> bool:
         """Whether API keys are required: ``auth``, with ``auto`` resolved from ``host``."""
-        from service.auth import auth_enabled
+        from service.http.auth import auth_enabled
 
         return auth_enabled(self.auth, self.host)
 

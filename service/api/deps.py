@@ -1,7 +1,7 @@
 """Dependencies shared by the routers, as typed aliases (``State``, ``DbSession``) and ``authorize``.
 
 ``authorize(scope)`` is how an endpoint states what it needs: the API-key guard
-(:class:`service.auth.ApiAccessMiddleware`) has already authenticated the caller, and this checks
+(:class:`service.http.auth.ApiAccessMiddleware`) has already authenticated the caller, and this checks
 the caller's scope (admin implies write implies read), answering 403 when it falls short.
 """
 
@@ -14,8 +14,8 @@ from fastapi import Depends, Path, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from service.api.problems import Problem
-from service.auth import ANONYMOUS, Scope, challenge, request_principal
+from service.http.auth import ANONYMOUS, Scope, challenge, request_principal
+from service.http.problems import Problem
 from service.state import ServiceState
 
 __all__ = [

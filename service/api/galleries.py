@@ -14,7 +14,6 @@ from sqlalchemy.orm import Session
 from service.api.deps import DbSession, GalleryId, Scope, State, authorize
 from service.api.jobs import accepted, job_out
 from service.api.pagination import cursor_after, page_of, page_query
-from service.api.problems import PROBLEM_RESPONSES, Problem, not_found
 from service.api.schemas import (
     GalleryCreate,
     GalleryOut,
@@ -28,6 +27,7 @@ from service.api.schemas import (
 from service.db.models import Gallery, IndexSnapshot, Item, Job
 from service.db.session import transaction
 from service.embedder import ModelRuntime, ModelUnavailableError
+from service.http.problems import PROBLEM_RESPONSES, Problem, not_found
 from service.item_writer import GalleryGoneError, StandbyNotReadyError
 from service.state import ServiceState
 

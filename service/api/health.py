@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from service.api.problems import problem_response
+from service.http.problems import problem_response
 
 router = APIRouter(prefix="/health", tags=["health"])
 

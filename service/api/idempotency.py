@@ -15,8 +15,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.api.problems import Problem
 from service.db.models import IdempotencyKey
+from service.http.problems import Problem
 
 MAX_KEY_LENGTH = 200
 

@@ -13,7 +13,6 @@ from sqlalchemy.exc import IntegrityError
 from service.api import idempotency
 from service.api.deps import MAX_INT_ID, DbSession, GalleryId, JobId, Scope, State, authorize
 from service.api.pagination import cursor_after, page_of, page_query
-from service.api.problems import PROBLEM_RESPONSES, Problem, not_found, problem_responses
 from service.api.schemas import (
     IngestCreate,
     JobErrorOut,
@@ -23,8 +22,9 @@ from service.api.schemas import (
 )
 from service.db.models import Gallery, Job, JobError, utcnow
 from service.db.session import transaction
+from service.http.limits import check_job_images, count_dataset_images
+from service.http.problems import PROBLEM_RESPONSES, Problem, not_found, problem_responses
 from service.jobs.sources import DatasetPathForbiddenError, DatasetPathInvalidError, resolve_dataset_root
-from service.limits import check_job_images, count_dataset_images
 from service.state import ServiceState
 
 router = APIRouter(prefix="/v1", tags=["jobs"], responses=PROBLEM_RESPONSES)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 
 from service.api.deps import Scope, State, authorize
-from service.api.problems import PROBLEM_RESPONSES, Problem
 from service.api.schemas import ModelOut
 from service.embedder import ModelRuntime, ModelUnavailableError
+from service.http.problems import PROBLEM_RESPONSES, Problem
 
 router = APIRouter(
     prefix="/v1/models",

@@ -12,8 +12,8 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Select
 
-from service.api.problems import Problem
 from service.api.schemas import Page, SortOrder, decode_cursor, encode_cursor
+from service.http.problems import Problem
 
 T = TypeVar("T")
 Row = TypeVar("Row")

@@ -10,8 +10,8 @@ from functools import partial
 import numpy as np
 from fastapi import UploadFile
 
-from service.api.problems import Problem
 from service.embedder import EmbedderBusyError, EmbedderClosedError, EmbeddingFailedError, ModelRuntime
+from service.http.problems import Problem
 from service.imaging.decoding import ImageError, ImageTooLargeError, UnsupportedImageError
 from service.imaging.preparation import Prepared, device_stage_for, prepare_bytes
 from service.state import ServiceState

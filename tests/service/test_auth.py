@@ -16,7 +16,10 @@ from sqlalchemy import inspect
 from typer.testing import CliRunner
 
 from service.app import create_app
-from service.auth import (
+from service.cli import register
+from service.db import migrate
+from service.db.session import create_db_engine, make_session_factory
+from service.http.auth import (
     ApiAccessMiddleware,
     ApiKeyError,
     ApiKeyStore,
@@ -30,9 +33,6 @@ from service.auth import (
     presented_key,
     verify_key,
 )
-from service.cli import register
-from service.db import migrate
-from service.db.session import create_db_engine, make_session_factory
 from service.settings import Settings
 from tests.service.conftest import jpeg_bytes, make_settings
 

@@ -14,11 +14,11 @@ from fastapi.testclient import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.api.problems import install_problem_handlers
 from service.app import create_app
-from service.auth import ApiKeyStore, Scope
-from service.limits import BodySizeLimitMiddleware
-from service.rate_limit import RateLimiter, TokenBucket
+from service.http.auth import ApiKeyStore, Scope
+from service.http.limits import BodySizeLimitMiddleware
+from service.http.problems import install_problem_handlers
+from service.http.rate_limit import RateLimiter, TokenBucket
 from tests.service.conftest import jpeg_bytes, make_settings
 
 PROBLEM = "application/problem+json"

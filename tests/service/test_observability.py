@@ -24,9 +24,9 @@ from starlette.middleware import Middleware
 from starlette.responses import PlainTextResponse
 
 from service.app import create_app
-from service.log_format import JsonFormatter, RequestIdFilter, configure_logging, make_handler
-from service.metrics import ServiceMetrics, batch_size_buckets, cuda_memory, read_samples
-from service.request_context import MAX_REQUEST_ID_LENGTH, accept_request_id, current_request_id
+from service.http.log_format import JsonFormatter, RequestIdFilter, configure_logging, make_handler
+from service.http.prometheus import ServiceMetrics, batch_size_buckets, cuda_memory, read_samples
+from service.http.request_context import MAX_REQUEST_ID_LENGTH, accept_request_id, current_request_id
 from service.settings import Settings
 from tests.service.conftest import jpeg_bytes, make_settings, wait_for_job
 

@@ -17,8 +17,8 @@ from sqlalchemy import Integer, create_engine, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from service.api.pagination import cursor_after, page_of, page_query
-from service.api.problems import Problem
 from service.api.schemas import Page, encode_cursor
+from service.http.problems import Problem
 
 
 class _Base(DeclarativeBase):

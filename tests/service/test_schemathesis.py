@@ -30,7 +30,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from service.app import create_app
-from service.auth import ApiKeyStore, Scope
+from service.http.auth import ApiKeyStore, Scope
 from service.settings import Settings
 from tests.service.conftest import (
     DATABASES,

@@ -42,7 +42,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Send
 from starlette.types import Scope as AsgiScope
 
-from service.rate_limit import RateLimiter
+from service.http.rate_limit import RateLimiter
 
 logger = logging.getLogger(__name__)
 
@@ -404,7 +404,7 @@ class ApiAccessMiddleware:
         wait = self.limiter.acquire(bucket)
         if wait <= 0:
             return False
-        from service.api.problems import problem_response
+        from service.http.problems import problem_response
 
         retry_after = max(1, math.ceil(wait))
         who = "this API key" if bucket.startswith("key:") else "this client address"
@@ -423,7 +423,7 @@ class ApiAccessMiddleware:
     async def _unavailable(
         self, request: Request, exc: Exception, scope: AsgiScope, receive: Receive, send: Send
     ) -> None:
-        from service.api.problems import problem_response
+        from service.http.problems import problem_response
 
         logger.warning("API keys cannot be checked: %s", exc)
         response = problem_response(
@@ -440,7 +440,7 @@ class ApiAccessMiddleware:
     async def _unauthorized(
         self, request: Request, presented: bool, scope: AsgiScope, receive: Receive, send: Send
     ) -> None:
-        from service.api.problems import problem_response
+        from service.http.problems import problem_response
 
         if presented:
             detail = "The API key is not valid (unknown, revoked or mistyped); ask an admin for a key."

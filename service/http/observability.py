@@ -33,8 +33,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.metrics import UNMATCHED_ROUTE, ServiceMetrics
-from service.request_context import (
+from service.http.prometheus import UNMATCHED_ROUTE, ServiceMetrics
+from service.http.request_context import (
     REQUEST_ID_HEADER,
     accept_request_id,
     new_request_id,

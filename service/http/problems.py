@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.request_context import REQUEST_ID_HEADER, current_request_id
+from service.http.request_context import REQUEST_ID_HEADER, current_request_id
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Send
 from starlette.types import Scope as AsgiScope
 
-from service.api.problems import PROBLEM_MEDIA_TYPE, Problem, problem_response
+from service.http.problems import PROBLEM_MEDIA_TYPE, Problem, problem_response
 
 logger = logging.getLogger(__name__)
 

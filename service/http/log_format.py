@@ -3,7 +3,7 @@
 ``reid serve`` calls :func:`configure_logging` once: every logger of the process (the service's,
 uvicorn's, SQLAlchemy's ...) then writes through one handler on the root logger, whose filter
 stamps each record with the id of the request it was emitted for (see
-:mod:`service.request_context`). A JSON line carries ``time`` (UTC, ISO 8601), ``level``,
+:mod:`service.http.request_context`). A JSON line carries ``time`` (UTC, ISO 8601), ``level``,
 ``logger``, ``message``, ``request_id`` and every ``extra=`` field of the call, so log shippers
 index them without parsing messages.
 """
@@ -16,7 +16,7 @@ import logging
 import sys
 from typing import IO, Any, Literal
 
-from service.request_context import current_request_id
+from service.http.request_context import current_request_id
 
 LogFormat = Literal["json", "text"]
 
