@@ -237,8 +237,8 @@ def insert_random_gallery(
     from sqlalchemy import insert
 
     from index import Attributes
-    from service.db.models import Embedding, Item, Operation, utcnow
     from service.db.session import create_db_engine
+    from service.db.tables import Embedding, Item, Operation, utcnow
     from service.gallery_index import attribute_code, epoch
 
     rng = np.random.default_rng(seed)
@@ -344,8 +344,8 @@ def snapshot_gallery(
     """
     from sqlalchemy import func, select
 
-    from service.db.models import Gallery, Operation
     from service.db.session import create_db_engine, make_session_factory
+    from service.db.tables import Gallery, Operation
     from service.gallery_index import IndexManager
 
     if backend not in ("faiss", "torch"):
@@ -631,8 +631,8 @@ def run(
     """
     from sqlalchemy import select
 
-    from service.db.models import ModelRow
     from service.db.session import create_db_engine
+    from service.db.tables import ModelRow
     from service.settings import Settings
     from training.data.registry import build_dataset
     from training.data.synthetic import write_synthetic

@@ -10,8 +10,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection
 
-from service.db.models import Base
 from service.db.session import create_db_engine
+from service.db.tables import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -27,8 +27,8 @@ from sqlalchemy import select
 from index import faiss_gpu
 from service.api import evaluation_views, evaluations, galleries, health, items, jobs, models, search
 from service.db import migrate
-from service.db.models import ModelRow
 from service.db.session import create_db_engine, make_session_factory, transaction
+from service.db.tables import ModelRow
 from service.embedder import MicroBatcher, ModelRegistry, ModelRuntime, default_device
 from service.gallery_index import IndexManager
 from service.http.auth import ApiAccessMiddleware

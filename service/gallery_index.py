@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from index import Attributes, SearchFilter, SnapshotError, VectorIndex, create_index, load_index
 from index.snapshot import read_manifest
-from service.db.models import Embedding, Gallery, IndexSnapshot, Item, Operation
+from service.db.tables import Embedding, Gallery, IndexSnapshot, Item, Operation
 
 logger = logging.getLogger(__name__)
 

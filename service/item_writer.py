@@ -17,8 +17,8 @@ import numpy as np
 from sqlalchemy import Select, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db.models import Embedding, Gallery, Item, Operation, utcnow
 from service.db.session import transaction
+from service.db.tables import Embedding, Gallery, Item, Operation, utcnow
 from service.gallery_index import GalleryState, IndexManager
 
 logger = logging.getLogger(__name__)

@@ -40,8 +40,8 @@ DIM = 16
 def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A migrated SQLite database with one model and one empty gallery (copied by each test)."""
     from service.db import migrate
-    from service.db.models import Gallery, ModelRow
     from service.db.session import create_db_engine, make_session_factory
+    from service.db.tables import Gallery, ModelRow
 
     path = tmp_path_factory.mktemp("template") / "reid.sqlite3"
     engine = create_db_engine(f"sqlite:///{path}")
@@ -77,8 +77,8 @@ def test_inserted_gallery_matches_its_database_rows(
 ) -> None:
     from sqlalchemy import func, select
 
-    from service.db.models import Embedding, Item, Operation
     from service.db.session import create_db_engine, make_session_factory
+    from service.db.tables import Embedding, Item, Operation
     from service.gallery_index import item_attributes, vectors_from_bytes
 
     folder = tmp_path / f"db-{n}-{chunk}-{int(log_operations)}-{time.monotonic_ns()}"

@@ -20,7 +20,7 @@ from fastapi import Path as PathParam
 
 from service.api.deps import Scope, State, authorize
 from service.api.schemas import RankedGalleryImage, WorstQueries, WorstQuery
-from service.db.models import Evaluation
+from service.db.tables import Evaluation
 from service.http.problems import PROBLEM_RESPONSES, Problem, not_found, problem_responses
 from service.imaging.store import ImageMissingError
 from service.jobs.evaluate import evaluation_dir

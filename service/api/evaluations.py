@@ -14,7 +14,7 @@ from service.api.galleries import resolve_model
 from service.api.jobs import check_dataset_root, check_layout, create_job_idempotently
 from service.api.pagination import cursor_after, page_of, page_query
 from service.api.schemas import EvaluationCreate, EvaluationOut, Page
-from service.db.models import Evaluation, Job, ModelRow
+from service.db.tables import Evaluation, Job, ModelRow
 from service.http.limits import check_job_images, count_dataset_images
 from service.http.problems import PROBLEM_RESPONSES, not_found
 

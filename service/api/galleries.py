@@ -24,8 +24,8 @@ from service.api.schemas import (
     StandbyOut,
     SwitchModel,
 )
-from service.db.models import Gallery, IndexSnapshot, Item, Job
 from service.db.session import transaction
+from service.db.tables import Gallery, IndexSnapshot, Item, Job
 from service.embedder import ModelRuntime, ModelUnavailableError
 from service.http.problems import PROBLEM_RESPONSES, Problem, not_found
 from service.item_writer import GalleryGoneError, StandbyNotReadyError

@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.db.models import IdempotencyKey
+from service.db.tables import IdempotencyKey
 from service.http.problems import Problem
 
 MAX_KEY_LENGTH = 200

@@ -17,7 +17,7 @@ from service.api.deps import DbSession, GalleryId, ItemId, Scope, State, authori
 from service.api.pagination import cursor_after, page_of, page_query
 from service.api.schemas import ItemOut, Page, SortOrder
 from service.api.uploads import embed_prepared, parse_time, per_image, prepare_uploads, read_uploads
-from service.db.models import Gallery, Item
+from service.db.tables import Gallery, Item
 from service.http.problems import PROBLEM_RESPONSES, Problem, not_found, problem_responses
 from service.imaging.store import ImageMissingError
 from service.item_writer import (

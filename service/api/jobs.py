@@ -20,8 +20,8 @@ from service.api.schemas import (
     Page,
     SortOrder,
 )
-from service.db.models import Gallery, Job, JobError, utcnow
 from service.db.session import transaction
+from service.db.tables import Gallery, Job, JobError, utcnow
 from service.http.limits import check_job_images, count_dataset_images
 from service.http.problems import PROBLEM_RESPONSES, Problem, not_found, problem_responses
 from service.jobs.sources import DatasetPathForbiddenError, DatasetPathInvalidError, resolve_dataset_root

@@ -15,7 +15,7 @@ from service.api.deps import GalleryId, Scope, State, authorize
 from service.api.items import thumbnail_url
 from service.api.schemas import QueryResult, SearchByItem, SearchHit, SearchResponse
 from service.api.uploads import embed_prepared, parse_time, prepare_uploads, read_uploads
-from service.db.models import Embedding, Gallery, Item
+from service.db.tables import Embedding, Gallery, Item
 from service.embedder import ModelRuntime
 from service.gallery_index import GalleryIndex, attribute_code, vectors_from_bytes
 from service.http.problems import PROBLEM_RESPONSES, Problem, not_found, problem_responses

@@ -177,7 +177,7 @@ class ApiKeyStore:
         self.touch_interval_s = touch_interval_s
 
     def create(self, name: str, scope: Scope | str) -> NewKey:
-        from service.db.models import ApiKey
+        from service.db.tables import ApiKey
 
         scope = parse_scope(scope) if isinstance(scope, str) else scope
         name = name.strip()
@@ -190,7 +190,7 @@ class ApiKeyStore:
         return NewKey(key_id, name, scope, token)
 
     def list(self, *, include_revoked: bool = True) -> list[KeyInfo]:
-        from service.db.models import ApiKey
+        from service.db.tables import ApiKey
 
         stmt = select(ApiKey).order_by(ApiKey.id)
         if not include_revoked:
@@ -205,7 +205,7 @@ class ApiKeyStore:
 
     def revoke(self, key_id: str) -> KeyInfo:
         """Revoke a key by its public id; revoking twice is allowed (the first time is kept)."""
-        from service.db.models import ApiKey, utcnow
+        from service.db.tables import ApiKey, utcnow
 
         key_id = key_id.strip().removeprefix(f"{KEY_PREFIX}_").split("_")[0]
         with self.sessions() as session, session.begin():
@@ -222,7 +222,7 @@ class ApiKeyStore:
 
     def authenticate(self, token: str) -> Principal | None:
         """The principal of a valid, unrevoked key, or None (blocking: run it in a thread)."""
-        from service.db.models import ApiKey, utcnow
+        from service.db.tables import ApiKey, utcnow
 
         key_id = parse_key_id(token)
         if key_id is None:

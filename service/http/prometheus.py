@@ -196,7 +196,7 @@ def _index_families(state: ServiceState) -> Iterator[Metric]:
 def _job_families(state: ServiceState) -> Iterator[Metric]:
     from sqlalchemy import func, select
 
-    from service.db.models import Job
+    from service.db.tables import Job
 
     labels = ["job_id", "kind"]
     done = GaugeMetricFamily("reid_job_done_items", "Inputs a running job has processed.", labels=labels)

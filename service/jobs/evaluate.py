@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from evaluation.feature_file import save_feature_file
-from service.db.models import Evaluation, ModelRow
 from service.db.session import transaction
+from service.db.tables import Evaluation, ModelRow
 from service.embedder import ModelUnavailableError
 from service.imaging.preparation import Prepared, device_stage_for, prefetched_batches, prepare_file, stack
 from service.imaging.processes import DecodeProcessPool

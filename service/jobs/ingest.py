@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from sqlalchemy import select
 
-from service.db.models import Item
+from service.db.tables import Item
 from service.imaging.preparation import Prepared, device_stage_for, prefetched_batches, prepare_file, stack
 from service.imaging.processes import DecodeProcessPool
 from service.item_writer import GalleryGoneError, GalleryModelsChangedError, NewItem, gallery_model_ids

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from sqlalchemy import func, select
 
-from service.db.models import Embedding, Item
+from service.db.tables import Embedding, Item
 from service.imaging.preparation import Prepared, device_stage_for, prefetched_batches, prepare_file, stack
 from service.imaging.processes import DecodeProcessPool
 from service.imaging.store import ImageStore

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, update
 
-from service.db.models import Job, JobError, utcnow
 from service.db.session import transaction
+from service.db.tables import Job, JobError, utcnow
 
 if TYPE_CHECKING:
     from service.state import ServiceState

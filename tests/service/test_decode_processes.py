@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from sqlalchemy import select
 
 from service.app import create_app
-from service.db.models import Embedding, Item
+from service.db.tables import Embedding, Item
 from service.imaging.decoding import (
     ImageDecodeError,
     ImageTooLargeError,

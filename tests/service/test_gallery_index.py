@@ -19,8 +19,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from sqlalchemy import select
 
 from service.db import migrate
-from service.db.models import Gallery, Item, ModelRow
 from service.db.session import create_db_engine, make_session_factory, transaction
+from service.db.tables import Gallery, Item, ModelRow
 from service.gallery_index import IndexManager
 from service.item_writer import ItemWriter, NewItem
 

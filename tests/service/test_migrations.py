@@ -9,8 +9,8 @@ from sqlalchemy import inspect
 from typer.testing import CliRunner
 
 from service.db import migrate
-from service.db.models import Base
 from service.db.session import DatabaseURLError, create_db_engine
+from service.db.tables import Base
 
 TABLES = {
     "models",

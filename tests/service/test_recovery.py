@@ -65,8 +65,8 @@ def assert_index_matches_database(
 def operation_seqs(settings: Settings) -> list[int]:
     from sqlalchemy import select
 
-    from service.db.models import Operation
     from service.db.session import create_db_engine
+    from service.db.tables import Operation
 
     engine = create_db_engine(settings.resolved_database_url)
     try:
