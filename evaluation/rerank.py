@@ -38,6 +38,8 @@ from evaluation.distance import DEFAULT_CHUNK_BYTES, resolve_device
 
 logger = logging.getLogger(__name__)
 
+#: The paper's parameters (k1, k2, lambda), the defaults of every function here.
+K1, K2, LAMBDA = 20, 6, 0.3
 #: Fraction of the available memory (RAM, or free GPU memory) re-ranking may plan to use by default.
 DEFAULT_MEMORY_FRACTION = 0.5
 
@@ -82,7 +84,7 @@ def _expansion_width(k1: int) -> int:
 
 
 def estimate_rerank_bytes(
-    num_query: int, num_gallery: int, *, k1: int = 20, k2: int = 6, input_itemsize: int = 0
+    num_query: int, num_gallery: int, *, k1: int = K1, k2: int = K2, input_itemsize: int = 0
 ) -> int:
     """Upper bound of the memory :func:`re_ranking` uses, in bytes.
 
@@ -111,8 +113,8 @@ def check_rerank_memory(
     num_query: int,
     num_gallery: int,
     *,
-    k1: int = 20,
-    k2: int = 6,
+    k1: int = K1,
+    k2: int = K2,
     input_itemsize: int = 0,
     extra_bytes: int = 0,
     max_memory_bytes: int | None = None,
@@ -233,9 +235,9 @@ def re_ranking_tensor(
     q_q_dist: np.ndarray | torch.Tensor,
     g_g_dist: np.ndarray | torch.Tensor,
     *,
-    k1: int = 20,
-    k2: int = 6,
-    lambda_value: float = 0.3,
+    k1: int = K1,
+    k2: int = K2,
+    lambda_value: float = LAMBDA,
     max_memory_bytes: int | None = None,
     device: str | torch.device | None = None,
 ) -> torch.Tensor:
@@ -263,9 +265,9 @@ def re_ranking(
     q_q_dist: np.ndarray | torch.Tensor,
     g_g_dist: np.ndarray | torch.Tensor,
     *,
-    k1: int = 20,
-    k2: int = 6,
-    lambda_value: float = 0.3,
+    k1: int = K1,
+    k2: int = K2,
+    lambda_value: float = LAMBDA,
     max_memory_bytes: int | None = None,
     device: str | torch.device | None = None,
 ) -> np.ndarray:
@@ -413,3 +415,24 @@ def _re_rank(p: _Problem, *, k1: int, k2: int, lam: float) -> torch.Tensor:
         out[start:stop] = jaccard * (1.0 - lam) + original * lam
         start = stop
     return out
+
+
+def rerank_candidates(query: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """Re-ranked distances of one query's short list, as a search re-ranks its top candidates.
+
+    The candidates are the whole gallery of this small problem, so ``k1`` is capped at their number
+    minus one and ``k2`` at ``k1``; distances are cosine (``1 - similarity`` of unit vectors), computed
+    on the CPU, where a few dozen candidates cost less than a trip to a GPU.
+
+    Args:
+        query: ``(d,)`` unit vector.
+        candidates: ``(n, d)`` unit vectors.
+
+    Returns:
+        ``(n,)`` float32 re-ranked distances, lower first.
+    """
+    q = query[None].astype(np.float32)
+    g = np.asarray(candidates, dtype=np.float32)
+    k1 = max(1, min(K1, len(g) - 1))
+    q_q = np.zeros((1, 1), np.float32)  # the query's distance to itself
+    return re_ranking(1.0 - q @ g.T, q_q, 1.0 - g @ g.T, k1=k1, k2=max(1, min(K2, k1)), device="cpu")[0]

@@ -6,19 +6,17 @@ import datetime as dt
 from typing import Annotated
 
 import anyio
-import numpy as np
 from fastapi import APIRouter, Depends, File, Form, UploadFile
-from sqlalchemy import select
 
 from index import SearchFilter
 from service.api.deps import GalleryId, Scope, State, authorize
 from service.api.items import thumbnail_url
 from service.api.schemas import QueryResult, SearchByItem, SearchHit, SearchResponse
 from service.api.uploads import embed_prepared, parse_time, prepare_uploads, read_uploads
-from service.db.tables import Embedding, Gallery, Item
 from service.embedder import ModelRuntime
-from service.gallery_index import GalleryIndex, attribute_code, vectors_from_bytes
+from service.gallery_index import GalleryIndex, attribute_code
 from service.http.problems import PROBLEM_RESPONSES, Problem, not_found, problem_responses
+from service.search import Hit, ItemNotEmbeddedError, ItemNotFoundError, item_query, run_search
 from service.state import ServiceState
 
 router = APIRouter(
@@ -27,10 +25,6 @@ router = APIRouter(
     responses={**PROBLEM_RESPONSES, **problem_responses(413, 415)},
     dependencies=[Depends(authorize(Scope.READ))],
 )
-
-#: Re-ranking looks at this many candidates per query (at least), then keeps the k best.
-RERANK_CANDIDATES = 50
-
 
 def _active_index(state: ServiceState, gallery_id: int) -> tuple[GalleryIndex, ModelRuntime | None]:
     try:
@@ -79,84 +73,23 @@ def _split_cameras(values: list[str] | None) -> list[str] | None:
     return out or None
 
 
-def run_search(
-    state: ServiceState,
-    gi: GalleryIndex,
-    queries: np.ndarray,
-    k: int,
-    flt: SearchFilter | None,
-    drop: set[int],
-    rerank: bool,
-) -> list[list[SearchHit]]:
-    """Search, optionally re-rank, then join the hits with their database rows (best first)."""
-    fetch = k + len(drop)
-    if rerank:
-        fetch = max(fetch, RERANK_CANDIDATES)
-    fetch = min(fetch, gi.index.capabilities.max_k)
-    scores, ids = gi.search(queries, fetch, flt)
-    with state.sessions() as session:
-        wanted = sorted({int(i) for i in ids.ravel() if i >= 0})
-        rows = (
-            {
-                it.id: it
-                for it in session.scalars(select(Item).where(Item.id.in_(wanted), Item.status == "active"))
-            }
-            if wanted
-            else {}
-        )
-        vectors: dict[int, np.ndarray] = {}
-        if rerank and rows:
-            for item_id, blob in session.execute(
-                select(Embedding.item_id, Embedding.vector).where(
-                    Embedding.item_id.in_(list(rows)), Embedding.model_id == gi.model_id
-                )
-            ):
-                vectors[item_id] = vectors_from_bytes([blob], gi.dim)[0]
-    out = []
-    for qi in range(len(queries)):
-        cand = [
-            (int(i), float(s))
-            for i, s in zip(ids[qi], scores[qi], strict=True)
-            if i >= 0 and int(i) in rows and int(i) not in drop
-        ]
-        if rerank and len(cand) > 1:
-            cand = _rerank(queries[qi], cand, vectors)
-        out.append(
-            [
+def _results(hits: list[list[Hit]]) -> list[QueryResult]:
+    return [
+        QueryResult(
+            results=[
                 SearchHit(
-                    item_id=i,
-                    score=s,
-                    identity=rows[i].identity,
-                    camera=rows[i].camera,
-                    captured_at=rows[i].captured_at,
-                    thumbnail_url=thumbnail_url(rows[i]),
+                    item_id=h.item.id,
+                    score=h.score,
+                    identity=h.item.identity,
+                    camera=h.item.camera,
+                    captured_at=h.item.captured_at,
+                    thumbnail_url=thumbnail_url(h.item),
                 )
-                for i, s in cand[:k]
+                for h in query_hits
             ]
         )
-    return out
-
-
-def _rerank(
-    query: np.ndarray, cand: list[tuple[int, float]], vectors: dict[int, np.ndarray]
-) -> list[tuple[int, float]]:
-    """k-reciprocal re-ranking of one query's candidates; score = 1 - re-ranked distance."""
-    from evaluation.rerank import re_ranking
-
-    cand = [c for c in cand if c[0] in vectors]
-    g = np.stack([vectors[i] for i, _ in cand]).astype(np.float32)
-    q = query[None].astype(np.float32)
-    k1 = min(20, len(cand) - 1)
-    final = re_ranking(
-        1.0 - q @ g.T,
-        np.zeros((1, 1), np.float32),
-        1.0 - g @ g.T,
-        k1=max(k1, 1),
-        k2=max(1, min(6, k1)),
-        device="cpu",
-    )[0]
-    order = np.argsort(final, kind="stable")
-    return [(cand[j][0], float(1.0 - final[j])) for j in order]
+        for query_hits in hits
+    ]
 
 
 @router.post("/search", summary="Search the gallery with one or more query images")
@@ -194,39 +127,21 @@ async def search(
     prepared = await prepare_uploads(state, uploads, {runtime.row_id: runtime})
     queries = await embed_prepared(state, runtime, runtime.row_id, prepared)
     hits = await anyio.to_thread.run_sync(run_search, state, gi, queries, k, flt, drop, rerank)
-    return SearchResponse(
-        model=runtime.name, model_version=runtime.version, queries=[QueryResult(results=h) for h in hits]
-    )
+    return SearchResponse(model=runtime.name, model_version=runtime.version, queries=_results(hits))
 
 
 @router.post("/search-by-item", summary="Search the gallery with a stored item's embedding")
 async def search_by_item(gallery_id: GalleryId, body: SearchByItem, state: State) -> SearchResponse:
     k = _check_k(state, body.k)
     gi, _ = _active_index(state, gallery_id)
-
-    def lookup() -> tuple[np.ndarray, str, str]:
-        with state.sessions() as session:
-            item = session.get(Item, body.item_id)
-            if item is None or item.gallery_id != gallery_id or item.status != "active":
-                raise not_found("Item", body.item_id)
-            blob = session.scalar(
-                select(Embedding.vector).where(
-                    Embedding.item_id == item.id, Embedding.model_id == gi.model_id
-                )
-            )
-            gallery = session.get(Gallery, gallery_id)
-            if blob is None or gallery is None:
-                raise Problem(
-                    409,
-                    "No embedding",
-                    "The item has no embedding by the gallery's model yet.",
-                    slug="no-embedding",
-                )
-            model = gallery.model if gallery.model_id == gi.model_id else gallery.standby_model
-            assert model is not None
-            return vectors_from_bytes([blob], gi.dim), model.name, model.version
-
-    query, name, version = await anyio.to_thread.run_sync(lookup)
+    try:
+        query, name, version = await anyio.to_thread.run_sync(item_query, state, gi, gallery_id, body.item_id)
+    except ItemNotFoundError as exc:
+        raise not_found("Item", body.item_id) from exc
+    except ItemNotEmbeddedError as exc:
+        raise Problem(
+            409, "No embedding", "The item has no embedding by the gallery's model yet.", slug="no-embedding"
+        ) from exc
     flt, drop = build_filter(
         body.cameras,
         body.time_from,
@@ -235,4 +150,4 @@ async def search_by_item(gallery_id: GalleryId, body: SearchByItem, state: State
         [body.item_id] if body.exclude_self else None,
     )
     hits = await anyio.to_thread.run_sync(run_search, state, gi, query, k, flt, drop, body.rerank)
-    return SearchResponse(model=name, model_version=version, queries=[QueryResult(results=h) for h in hits])
+    return SearchResponse(model=name, model_version=version, queries=_results(hits))
