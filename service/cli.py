@@ -96,7 +96,7 @@ def _preflight(settings: Any) -> None:
         typer.echo(
             "warning: no model configured (--model NAME=MODEL_DIR); searches will be refused", err=True
         )
-    from service.http.auth import is_loopback_host
+    from service.settings import is_loopback_host
 
     if settings.auth_enabled:
         typer.echo(

@@ -23,7 +23,7 @@ import numpy as np
 
 from evaluation.feature_file import FeatureFileError, load_feature_file
 from evaluation.metrics import QueryRanking, rank_queries
-from service.jobs.evaluate import FEATURE_FILES, SAMPLES_NAME
+from service.evaluation_files import FEATURE_FILES, SAMPLES_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def rank_evaluation(
     """Rank the queries of the evaluation kept in ``folder`` exactly as the evaluation did (cached).
 
     Args:
-        folder: the evaluation's folder (``service.jobs.evaluate.evaluation_dir``).
+        folder: the evaluation's folder (``service.evaluation_files.evaluation_dir``).
         protocol, ap_mode, rerank, metric: the evaluation's settings.
         device: where to compute distances; None (as the evaluation job) means CUDA when available.
 

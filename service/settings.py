@@ -8,6 +8,7 @@ defaults below. The settings file is named by ``--config`` or ``REID_CONFIG``.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from pydantic_settings import (
 )
 
 CONFIG_ENV_VAR = "REID_CONFIG"
+
+_LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"}
 
 
 class SettingsError(ValueError):
@@ -44,6 +47,30 @@ class ModelSpec:
         if not sep or not name.strip() or not path.strip():
             raise SettingsError(f"model {text!r} must be given as NAME=MODEL_DIR, e.g. person=models/person")
         return cls(name.strip(), Path(path.strip()).expanduser())
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether binding ``host`` exposes the service to this machine only (127.0.0.0/8, ::1, localhost).
+
+    ``0.0.0.0`` and ``::`` bind every interface, so they are not loopback; an unknown host name
+    counts as exposed, which is the safe side.
+    """
+    name = host.strip().strip("[]").lower()
+    if name in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def auth_enabled(mode: str, host: str) -> bool:
+    """Resolve the ``auth`` setting: ``on``, ``off``, or ``auto`` (on unless ``host`` is loopback)."""
+    if mode == "on":
+        return True
+    if mode == "off":
+        return False
+    return not is_loopback_host(host)
 
 
 def _split_list(value: Any) -> Any:
@@ -230,8 +257,6 @@ class Settings(BaseSettings):
     @property
     def auth_enabled(self) -> bool:
         """Whether API keys are required: ``auth``, with ``auto`` resolved from ``host``."""
-        from service.http.auth import auth_enabled
-
         return auth_enabled(self.auth, self.host)
 
     @property

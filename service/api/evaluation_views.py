@@ -18,12 +18,14 @@ import anyio
 from fastapi import APIRouter, Depends, Query, Response
 from fastapi import Path as PathParam
 
+from evaluation.metrics import EvaluationError
+from evaluation.rerank import RerankMemoryError
 from service.api.deps import Scope, State, authorize
 from service.api.schemas import RankedGalleryImage, WorstQueries, WorstQuery
 from service.db.tables import Evaluation
+from service.evaluation_files import evaluation_dir
 from service.http.problems import PROBLEM_RESPONSES, Problem, not_found, problem_responses
 from service.imaging.store import ImageMissingError
-from service.jobs.evaluate import evaluation_dir
 from service.jobs.sources import inside_roots
 from service.rank_lists import MAX_RANK_LIST, RankListsGoneError, evaluation_samples, rank_evaluation
 from service.state import ServiceState
@@ -70,9 +72,6 @@ def _gone(exc: Exception) -> Problem:
 
 
 def _worst_queries(state: ServiceState, evaluation_id: int, limit: int, k: int) -> WorstQueries:
-    from evaluation.metrics import EvaluationError
-    from evaluation.rerank import RerankMemoryError
-
     ev = _finished_evaluation(state, evaluation_id)
     if ev["protocol"] == "vehicleid":
         raise Problem(

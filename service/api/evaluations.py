@@ -15,8 +15,9 @@ from service.api.jobs import check_dataset_root, check_layout, create_job_idempo
 from service.api.pagination import cursor_after, page_of, page_query
 from service.api.schemas import EvaluationCreate, EvaluationOut, Page
 from service.db.tables import Evaluation, Job, ModelRow
-from service.http.limits import check_job_images, count_dataset_images
+from service.http.limits import check_job_images
 from service.http.problems import PROBLEM_RESPONSES, not_found
+from service.jobs.sources import count_dataset_images
 
 router = APIRouter(prefix="/v1/evaluations", tags=["evaluations"], responses=PROBLEM_RESPONSES)
 

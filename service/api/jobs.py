@@ -22,9 +22,14 @@ from service.api.schemas import (
 )
 from service.db.session import transaction
 from service.db.tables import Gallery, Job, JobError, utcnow
-from service.http.limits import check_job_images, count_dataset_images
+from service.http.limits import check_job_images
 from service.http.problems import PROBLEM_RESPONSES, Problem, not_found, problem_responses
-from service.jobs.sources import DatasetPathForbiddenError, DatasetPathInvalidError, resolve_dataset_root
+from service.jobs.sources import (
+    DatasetPathForbiddenError,
+    DatasetPathInvalidError,
+    count_dataset_images,
+    resolve_dataset_root,
+)
 from service.state import ServiceState
 
 router = APIRouter(prefix="/v1", tags=["jobs"], responses=PROBLEM_RESPONSES)

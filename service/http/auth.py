@@ -22,7 +22,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
-import ipaddress
 import logging
 import math
 import re
@@ -42,6 +41,8 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Send
 from starlette.types import Scope as AsgiScope
 
+from service.db.tables import ApiKey, utcnow
+from service.http.problems import problem_response
 from service.http.rate_limit import RateLimiter
 
 logger = logging.getLogger(__name__)
@@ -55,7 +56,6 @@ PRINCIPAL_SCOPE_KEY = "reid.principal"
 REALM = "reid"
 
 _KEY_RE = re.compile(rf"^{KEY_PREFIX}_([0-9a-f]{{12}})_([A-Za-z0-9_-]{{43}})$")
-_LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"}
 
 
 class Scope(StrEnum):
@@ -177,8 +177,6 @@ class ApiKeyStore:
         self.touch_interval_s = touch_interval_s
 
     def create(self, name: str, scope: Scope | str) -> NewKey:
-        from service.db.tables import ApiKey
-
         scope = parse_scope(scope) if isinstance(scope, str) else scope
         name = name.strip()
         if not name or len(name) > 200:
@@ -190,8 +188,6 @@ class ApiKeyStore:
         return NewKey(key_id, name, scope, token)
 
     def list(self, *, include_revoked: bool = True) -> list[KeyInfo]:
-        from service.db.tables import ApiKey
-
         stmt = select(ApiKey).order_by(ApiKey.id)
         if not include_revoked:
             stmt = stmt.where(ApiKey.revoked_at.is_(None))
@@ -205,8 +201,6 @@ class ApiKeyStore:
 
     def revoke(self, key_id: str) -> KeyInfo:
         """Revoke a key by its public id; revoking twice is allowed (the first time is kept)."""
-        from service.db.tables import ApiKey, utcnow
-
         key_id = key_id.strip().removeprefix(f"{KEY_PREFIX}_").split("_")[0]
         with self.sessions() as session, session.begin():
             row = session.scalar(select(ApiKey).where(ApiKey.key_id == key_id))
@@ -222,8 +216,6 @@ class ApiKeyStore:
 
     def authenticate(self, token: str) -> Principal | None:
         """The principal of a valid, unrevoked key, or None (blocking: run it in a thread)."""
-        from service.db.tables import ApiKey, utcnow
-
         key_id = parse_key_id(token)
         if key_id is None:
             return None
@@ -278,33 +270,6 @@ class CachedAuthenticator:
             while len(self._cache) > self.max_entries:
                 self._cache.popitem(last=False)
         return principal
-
-
-# --------------------------------------------------------------------------------------- settings
-
-
-def is_loopback_host(host: str) -> bool:
-    """Whether binding ``host`` exposes the service to this machine only (127.0.0.0/8, ::1, localhost).
-
-    ``0.0.0.0`` and ``::`` bind every interface, so they are not loopback; an unknown host name
-    counts as exposed, which is the safe side.
-    """
-    name = host.strip().strip("[]").lower()
-    if name in _LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
-
-
-def auth_enabled(mode: str, host: str) -> bool:
-    """Resolve the ``auth`` setting: ``on``, ``off``, or ``auto`` (on unless ``host`` is loopback)."""
-    if mode == "on":
-        return True
-    if mode == "off":
-        return False
-    return not is_loopback_host(host)
 
 
 def presented_key(headers: Any) -> str | None:
@@ -404,8 +369,6 @@ class ApiAccessMiddleware:
         wait = self.limiter.acquire(bucket)
         if wait <= 0:
             return False
-        from service.http.problems import problem_response
-
         retry_after = max(1, math.ceil(wait))
         who = "this API key" if bucket.startswith("key:") else "this client address"
         response = problem_response(
@@ -423,8 +386,6 @@ class ApiAccessMiddleware:
     async def _unavailable(
         self, request: Request, exc: Exception, scope: AsgiScope, receive: Receive, send: Send
     ) -> None:
-        from service.http.problems import problem_response
-
         logger.warning("API keys cannot be checked: %s", exc)
         response = problem_response(
             request,
@@ -440,8 +401,6 @@ class ApiAccessMiddleware:
     async def _unauthorized(
         self, request: Request, presented: bool, scope: AsgiScope, receive: Receive, send: Send
     ) -> None:
-        from service.http.problems import problem_response
-
         if presented:
             detail = "The API key is not valid (unknown, revoked or mistyped); ask an admin for a key."
             header = challenge("invalid_token")

@@ -9,9 +9,7 @@ they bound is handled; they are all settings (``service.settings``).
 
 from __future__ import annotations
 
-import logging
 from http import HTTPStatus
-from pathlib import Path
 from typing import Any
 
 from fastapi import HTTPException, Request
@@ -21,8 +19,6 @@ from starlette.types import ASGIApp, Message, Receive, Send
 from starlette.types import Scope as AsgiScope
 
 from service.http.problems import PROBLEM_MEDIA_TYPE, Problem, problem_response
-
-logger = logging.getLogger(__name__)
 
 MULTIPART = "multipart/form-data"
 URLENCODED = "application/x-www-form-urlencoded"
@@ -179,26 +175,6 @@ def document_request_limits(schema: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------------------- job sizes
-
-
-def count_dataset_images(
-    layout: str, root: str, options: dict[str, Any], splits: tuple[str, ...], allowed_roots: list[Path]
-) -> int | None:
-    """Images of ``splits`` in a server-side dataset, or None when it cannot be read yet.
-
-    Used at job creation to refuse a job larger than the service allows; a dataset that does not
-    parse is left to the job, which reports the parser's message as its error.
-    """
-    from service.jobs.sources import resolve_dataset_root
-    from training.data.registry import build_dataset
-
-    try:
-        real = resolve_dataset_root(root, allowed_roots)
-        dataset = build_dataset(layout, real, **(options or {}))
-        return sum(len(dataset.split(s)) for s in splits)
-    except Exception as exc:  # the job will fail with the same error, and say so
-        logger.debug("dataset %s at %s not counted at job creation: %s", layout, root, exc)
-        return None
 
 
 def check_job_images(count: int | None, limit: int, what: str, setting: str) -> None:

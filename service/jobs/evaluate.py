@@ -15,29 +15,24 @@ import logging
 import time
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from evaluation.feature_file import save_feature_file
+from evaluation.metrics import EvaluationError, evaluate_features, vehicleid_protocol
 from service.db.session import transaction
 from service.db.tables import Evaluation, ModelRow
 from service.embedder import ModelUnavailableError
+from service.evaluation_files import FEATURE_FILES, SAMPLES_NAME, evaluation_dir
 from service.imaging.preparation import Prepared, device_stage_for, prefetched_batches, prepare_file, stack
 from service.imaging.processes import DecodeProcessPool
 from service.jobs.runner import JobContext, JobFailedError
 from service.jobs.sources import DatasetPathForbiddenError, DatasetPathInvalidError, resolve_dataset_root
+from training.data.errors import DatasetError
+from training.data.registry import build_dataset
 
 logger = logging.getLogger(__name__)
-
-FEATURE_FILES = {"query": "query.npz", "gallery": "gallery.npz", "all": "features.npz"}
-SAMPLES_NAME = "samples.json"
-
-
-def evaluation_dir(data_dir: Path, evaluation_id: int) -> Path:
-    return Path(data_dir) / "evaluations" / str(evaluation_id)
-
 
 def embed_paths(ctx: JobContext, runtime: Any, paths: list[str]) -> tuple[np.ndarray, str]:
     """Embed image files in large prefetched batches; any unreadable image fails the evaluation.
@@ -103,9 +98,6 @@ def _prepare(
 
 def run_evaluate(ctx: JobContext) -> dict[str, Any]:
     """Job handler for ``evaluate``: foreseeable mistakes fail the job with their message, no trace."""
-    from evaluation.metrics import EvaluationError
-    from training.data.errors import DatasetError
-
     try:
         return _evaluate(ctx)
     except (
@@ -119,9 +111,6 @@ def run_evaluate(ctx: JobContext) -> dict[str, Any]:
 
 
 def _evaluate(ctx: JobContext) -> dict[str, Any]:
-    from evaluation.metrics import evaluate_features, vehicleid_protocol
-    from training.data.registry import build_dataset
-
     settings = ctx.state.settings
     evaluation_id = int(ctx.params["evaluation_id"])
     with ctx.state.sessions() as session:

@@ -9,10 +9,15 @@ link inside an allowed folder must not lead outside it).
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
+
+from training.data.registry import build_dataset
+
+logger = logging.getLogger(__name__)
 
 
 class DatasetPathForbiddenError(PermissionError):
@@ -78,8 +83,6 @@ def load_source_images(source: dict[str, Any], allowed_roots: Sequence[Path]) ->
     Raises:
         DatasetPathForbiddenError, DatasetPathInvalidError, training.data.errors.DatasetError.
     """
-    from training.data.registry import build_dataset
-
     root = resolve_dataset_root(source["root"], allowed_roots)
     dataset = build_dataset(source["layout"], root, **(source.get("options") or {}))
     split = source.get("split") or "gallery"
@@ -101,3 +104,20 @@ def load_source_images(source: dict[str, Any], allowed_roots: Sequence[Path]) ->
             )
         )
     return images
+
+
+def count_dataset_images(
+    layout: str, root: str, options: dict[str, Any], splits: tuple[str, ...], allowed_roots: list[Path]
+) -> int | None:
+    """Images of ``splits`` in a server-side dataset, or None when it cannot be read yet.
+
+    Used at job creation to refuse a job larger than the service allows; a dataset that does not
+    parse is left to the job, which reports the parser's message as its error.
+    """
+    try:
+        real = resolve_dataset_root(root, allowed_roots)
+        dataset = build_dataset(layout, real, **(options or {}))
+        return sum(len(dataset.split(s)) for s in splits)
+    except Exception as exc:  # the job will fail with the same error, and say so
+        logger.debug("dataset %s at %s not counted at job creation: %s", layout, root, exc)
+        return None

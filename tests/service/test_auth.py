@@ -25,15 +25,13 @@ from service.http.auth import (
     ApiKeyStore,
     CachedAuthenticator,
     Scope,
-    auth_enabled,
     generate_key,
     hash_key,
-    is_loopback_host,
     parse_key_id,
     presented_key,
     verify_key,
 )
-from service.settings import Settings
+from service.settings import Settings, auth_enabled, is_loopback_host
 from tests.service.conftest import jpeg_bytes, make_settings
 
 PROBLEM = "application/problem+json"

@@ -29,8 +29,8 @@ import service.jobs.reembed
 from evaluation.feature_file import load_feature_file
 from service.api.uploads import embed_prepared
 from service.app import create_app
+from service.evaluation_files import evaluation_dir
 from service.imaging.preparation import DeviceBatchStage, prepare_bytes
-from service.jobs.evaluate import evaluation_dir
 from service.settings import ModelSpec
 from tests.service.conftest import jpeg_bytes, make_settings, wait_for_job
 from tests.service.test_recovery import upload

@@ -12,7 +12,7 @@ from PIL import Image
 
 from evaluation.feature_file import load_feature_file
 from evaluation.metrics import evaluate_features
-from service.jobs.evaluate import evaluation_dir
+from service.evaluation_files import evaluation_dir
 from tests.service.conftest import wait_for_job
 
 

@@ -25,7 +25,7 @@ from evaluation.feature_file import save_feature_file
 from evaluation.metrics import EvaluationError, evaluate_features, rank_queries
 from service.db.session import transaction
 from service.db.tables import Evaluation, Job, ModelRow
-from service.jobs.evaluate import SAMPLES_NAME, evaluation_dir
+from service.evaluation_files import SAMPLES_NAME, evaluation_dir
 from tests.service.conftest import wait_for_job
 from tests.service.test_api import assert_problem, create_gallery, upload
 
