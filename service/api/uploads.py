@@ -13,7 +13,7 @@ from fastapi import UploadFile
 from service.embedder import EmbedderBusyError, EmbedderClosedError, EmbeddingFailedError, ModelRuntime
 from service.http.problems import Problem
 from service.imaging.decoding import ImageError, ImageTooLargeError, UnsupportedImageError
-from service.imaging.preparation import Prepared, device_stage_for, prepare_bytes
+from service.imaging.preparation import BatchPreparation, Prepared
 from service.state import ServiceState
 
 
@@ -43,35 +43,25 @@ async def prepare_uploads(
     """Check, decode and preprocess every upload for these models (model id -> runtime).
 
     Off the event loop, in the decoder pool. When the models run on a GPU, JPEGs take the road of
-    ingestion (:func:`service.imaging.preparation.device_stage_for`): only their header is checked here,
-    then nvJPEG decodes them and the GPU resizes them, so a query does not pay Pillow's ~1 ms; other
+    ingestion (:class:`~service.imaging.preparation.BatchPreparation`): only their header is checked
+    here, then nvJPEG decodes them and the GPU resizes them, so a query does not pay Pillow's ~1 ms; other
     formats are decoded by Pillow and copied up. The first bad upload answers 415/413/422 naming it.
     """
-    settings = state.settings
-    stage = device_stage_for(
-        {model_id: r.model for model_id, r in runtimes.items()},
-        jpeg_decoder=settings.jpeg_decoder,
-        max_pixels=settings.max_image_pixels,
-    )
-    prepare = partial(
-        prepare_bytes,
-        max_pixels=settings.max_image_pixels,
-        preprocessors={model_id: r.model.preprocess for model_id, r in runtimes.items()},
-        jpeg_decoder=stage.jpeg_decoder if stage is not None else None,
-        processes=state.decoder.processes,
-    )
+    models = {model_id: r.model for model_id, r in runtimes.items()}
+    preparation = BatchPreparation(state.decoder, models, jpeg_decoder=state.settings.jpeg_decoder)
     loop = asyncio.get_running_loop()
+    pool = state.decoder.pool
     prepared = list(
         await asyncio.gather(
             *(
-                loop.run_in_executor(state.decoder.pool, partial(prepare, name, data, name=name))
+                loop.run_in_executor(pool, partial(preparation.prepare_bytes, name, data, name=name))
                 for name, data in uploads
             )
         )
     )
     _raise_for_bad_image(prepared)
-    if stage is not None:
-        await loop.run_in_executor(state.decoder.pool, stage, prepared)
+    if preparation.stage is not None:
+        await loop.run_in_executor(pool, preparation.stage, prepared)
         _raise_for_bad_image(prepared)  # what nvJPEG refused and Pillow could not decode either
     return prepared
 
@@ -101,7 +91,7 @@ async def embed_prepared(
 
     def preprocess(p: Prepared[str]) -> Prepared[str]:
         try:
-            p.tensors[model_id] = runtime.model.preprocess(p.pil_image(max_pixels))
+            p.tensor_for(model_id, runtime.model.preprocess, max_pixels)
         except ImageError as exc:
             p.error, p.cause = str(exc), exc
         return p

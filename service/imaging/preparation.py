@@ -42,6 +42,7 @@ from service.imaging.decoding import (
 )
 
 if TYPE_CHECKING:
+    from service.imaging.pools import ImageDecoder
     from service.imaging.processes import DecodeProcessPool
     from training.export import LoadedModel
 
@@ -101,6 +102,21 @@ class Prepared(Generic[T]):
                 raise ValueError("this prepared image has neither a decoded image nor its bytes")
             self.decoded = decode_image(self.data, max_pixels=max_pixels, name=str(self.source))
         return self.decoded.image
+
+    def tensor_for(
+        self, model_id: int, preprocess: Callable[[Image.Image], torch.Tensor], max_pixels: int
+    ) -> torch.Tensor:
+        """The input of model ``model_id``, preprocessed now if the image was prepared without it.
+
+        A model that joins a gallery while its images are on their way (an upgrade's standby) was
+        not among the preprocessors; its tensor is made from the kept image or bytes.
+
+        Raises:
+            ImageError: the kept bytes do not decode (only an image that took the tensor road).
+        """
+        if model_id not in self.tensors:
+            self.tensors[model_id] = preprocess(self.pil_image(max_pixels))
+        return self.tensors[model_id]
 
 
 def _jpeg_is_complete(data: bytes) -> bool:
@@ -336,6 +352,70 @@ def device_stage_for(
         jpeg_decoder=jpeg_decoder,
         max_pixels=max_pixels,
     )
+
+
+def _never_known(_digest: str) -> bool:
+    return False
+
+
+class BatchPreparation:
+    """How one job or request prepares images for its models: the JPEG road, the preprocessors, the pools.
+
+    On a GPU the JPEGs take the device road (:func:`device_stage_for`: header checks in the pool,
+    decode and resize on the device); elsewhere the pool decodes and preprocesses with Pillow (in the
+    worker processes when the decoder has them), as evaluation does.
+
+    Args:
+        decoder: the service's decode pools; their ``max_pixels`` is the pixel limit.
+        models: model id -> the loaded model every image is prepared for.
+        jpeg_decoder: the ``jpeg_decoder`` setting: ``"gpu"``, ``"cpu"`` or ``"pil"``.
+    """
+
+    def __init__(
+        self, decoder: ImageDecoder, models: Mapping[int, LoadedModel], *, jpeg_decoder: str
+    ) -> None:
+        self.decoder = decoder
+        self.stage = device_stage_for(models, jpeg_decoder=jpeg_decoder, max_pixels=decoder.max_pixels)
+        self.preprocessors = {model_id: model.preprocess for model_id, model in models.items()}
+
+    @property
+    def road(self) -> str:
+        """How JPEGs are decoded: ``gpu`` (nvJPEG) or ``cpu`` (libjpeg-turbo), GPU-resized; or ``pil``."""
+        return self.stage.jpeg_decoder if self.stage is not None else "pil"
+
+    def prepare_file(
+        self, source: T, path: str | Path, *, is_known: Callable[[str], bool] = _never_known
+    ) -> Prepared[T]:
+        """:func:`prepare_file` for these models (``is_known``: contents to skip by hash)."""
+        return prepare_file(
+            source,
+            path,
+            max_pixels=self.decoder.max_pixels,
+            preprocessors=self.preprocessors,
+            is_known=is_known,
+            jpeg_decoder=self.road,
+            processes=self.decoder.processes,
+        )
+
+    def prepare_bytes(self, source: T, data: bytes, *, name: str) -> Prepared[T]:
+        """:func:`prepare_bytes` for these models."""
+        return prepare_bytes(
+            source,
+            data,
+            name=name,
+            max_pixels=self.decoder.max_pixels,
+            preprocessors=self.preprocessors,
+            jpeg_decoder=self.road,
+            processes=self.decoder.processes,
+        )
+
+    def batches(
+        self, inputs: Sequence[T], prepare: Callable[[T], Prepared[T]], *, batch_size: int, prefetch: int
+    ) -> Iterator[list[Prepared[T]]]:
+        """:func:`prefetched_batches` in the decoder's threads, finished by the device stage if any."""
+        return prefetched_batches(
+            self.decoder.pool, inputs, prepare, batch_size=batch_size, prefetch=prefetch, finish=self.stage
+        )
 
 
 def _prepare_chunk(prepare: Callable[[T], Prepared[T]], items: Sequence[T]) -> list[Prepared[T]]:

@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -25,14 +23,14 @@ from service.db.session import transaction
 from service.db.tables import Evaluation, ModelRow
 from service.embedder import ModelUnavailableError
 from service.evaluation_files import FEATURE_FILES, SAMPLES_NAME, evaluation_dir
-from service.imaging.preparation import Prepared, device_stage_for, prefetched_batches, prepare_file, stack
-from service.imaging.processes import DecodeProcessPool
+from service.imaging.preparation import BatchPreparation, stack
 from service.jobs.runner import JobContext, JobFailedError
 from service.jobs.sources import DatasetPathForbiddenError, DatasetPathInvalidError, resolve_dataset_root
 from training.data.errors import DatasetError
 from training.data.registry import build_dataset
 
 logger = logging.getLogger(__name__)
+
 
 def embed_paths(ctx: JobContext, runtime: Any, paths: list[str]) -> tuple[np.ndarray, str]:
     """Embed image files in large prefetched batches; any unreadable image fails the evaluation.
@@ -44,25 +42,14 @@ def embed_paths(ctx: JobContext, runtime: Any, paths: list[str]) -> tuple[np.nda
     settings = ctx.state.settings
     # On a GPU, JPEGs are decoded and resized there as in ingestion (the setting's road is recorded
     # in the result); on a CPU the pool does everything with Pillow, as `reid evaluate` does.
-    stage = device_stage_for(
-        {0: runtime.model}, jpeg_decoder=settings.jpeg_decoder, max_pixels=settings.max_image_pixels
-    )
-    prepare = partial(
-        _prepare,
-        max_pixels=settings.max_image_pixels,
-        preprocess=runtime.model.preprocess,
-        jpeg_decoder=stage.jpeg_decoder if stage is not None else None,
-        processes=ctx.state.decoder.processes,
-    )
+    preparation = BatchPreparation(ctx.state.decoder, {0: runtime.model}, jpeg_decoder=settings.jpeg_decoder)
     out = np.empty((len(paths), runtime.dim), dtype=np.float32)
     row = 0
-    for batch in prefetched_batches(
-        ctx.state.decoder.pool,
+    for batch in preparation.batches(
         paths,
-        prepare,
+        lambda path: preparation.prepare_file(path, path),
         batch_size=settings.ingest_batch_size,
         prefetch=settings.ingest_prefetch_batches,
-        finish=stage,
     ):
         ctx.check()
         bad = [p for p in batch if p.error is not None]
@@ -74,26 +61,7 @@ def embed_paths(ctx: JobContext, runtime: Any, paths: list[str]) -> tuple[np.nda
         out[row : row + len(batch)] = vectors
         row += len(batch)
         ctx.advance(done=len(batch))
-    return out, stage.jpeg_decoder if stage is not None else "pil"
-
-
-def _prepare(
-    path: str,
-    *,
-    max_pixels: int,
-    preprocess: Callable[[Any], Any],
-    jpeg_decoder: str | None,
-    processes: DecodeProcessPool | None = None,
-) -> Prepared[str]:
-    return prepare_file(
-        path,
-        path,
-        max_pixels=max_pixels,
-        preprocessors={0: preprocess},
-        is_known=lambda _: False,
-        jpeg_decoder=jpeg_decoder,
-        processes=processes,
-    )
+    return out, preparation.road
 
 
 def run_evaluate(ctx: JobContext) -> dict[str, Any]:

@@ -13,19 +13,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from functools import partial
-from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image
 from sqlalchemy import select
 
 from service.db.tables import Item
-from service.imaging.preparation import Prepared, device_stage_for, prefetched_batches, prepare_file, stack
-from service.imaging.processes import DecodeProcessPool
+from service.imaging.preparation import BatchPreparation, Prepared, stack
 from service.item_writer import GalleryGoneError, GalleryModelsChangedError, NewItem, gallery_model_ids
 from service.jobs.runner import JobContext, JobFailedError
 from service.jobs.sources import (
@@ -61,12 +55,8 @@ def embed_batch(ctx: JobContext, prepared: list[Prepared], model_ids: set[int]) 
                 f"the gallery needs model id {model_id}, which this service does not load: "
                 "start it with that model (--model NAME=DIR)"
             )
-        tensors = []
-        for p in prepared:
-            if model_id not in p.tensors:
-                image = p.pil_image(ctx.state.settings.max_image_pixels)
-                p.tensors[model_id] = runtime.model.preprocess(image)
-            tensors.append(p.tensors[model_id])
+        max_pixels = ctx.state.settings.max_image_pixels
+        tensors = [p.tensor_for(model_id, runtime.model.preprocess, max_pixels) for p in prepared]
         vectors[model_id] = runtime.batcher.forward(stack(tensors))
     return vectors
 
@@ -94,27 +84,17 @@ def run_ingest(ctx: JobContext) -> dict[str, object]:
             loaded[model_id] = runtime.model
     # On a GPU, JPEGs are decoded and resized there (nvJPEG, or libjpeg-turbo pixels + GPU resize),
     # a batch ahead of the model; elsewhere the pool does everything with Pillow, as evaluation does.
-    stage = device_stage_for(
-        loaded, jpeg_decoder=settings.jpeg_decoder, max_pixels=settings.max_image_pixels
-    )
-    prepare = partial(
-        _prepare,
-        max_pixels=settings.max_image_pixels,
-        preprocessors={model_id: model.preprocess for model_id, model in loaded.items()},
-        is_known=known.__contains__,
-        roots=settings.dataset_roots,
-        jpeg_decoder=stage.jpeg_decoder if stage is not None else None,
-        processes=ctx.state.decoder.processes,
-    )
+    preparation = BatchPreparation(ctx.state.decoder, loaded, jpeg_decoder=settings.jpeg_decoder)
+
+    def prepare(source: SourceImage) -> Prepared[SourceImage]:
+        if not inside_roots(source.path, settings.dataset_roots):
+            return Prepared(source, error="the image lies outside the allowed dataset roots (symbolic link?)")
+        return preparation.prepare_file(source, source.path, is_known=known.__contains__)
+
     started = time.monotonic()
     stored = 0
-    batches = prefetched_batches(
-        ctx.state.decoder.pool,
-        images,
-        prepare,
-        batch_size=settings.ingest_batch_size,
-        prefetch=settings.ingest_prefetch_batches,
-        finish=stage,
+    batches = preparation.batches(
+        images, prepare, batch_size=settings.ingest_batch_size, prefetch=settings.ingest_prefetch_batches
     )
     # One writer thread commits batch i while the model embeds batch i+1 (at most one write in
     # flight, in order), so the database's time hides behind the model's.
@@ -181,29 +161,6 @@ def _commit(
     ctx.record_errors(errors)
     ctx.advance(done=size - len(errors), failed=len(errors), skipped=skipped)
     return stored
-
-
-def _prepare(
-    source: SourceImage,
-    *,
-    max_pixels: int,
-    preprocessors: dict[int, Callable[[Image.Image], torch.Tensor]],
-    is_known: Callable[[str], bool],
-    roots: list[Path],
-    jpeg_decoder: str | None = None,
-    processes: DecodeProcessPool | None = None,
-) -> Prepared[SourceImage]:
-    if not inside_roots(source.path, roots):
-        return Prepared(source, error="the image lies outside the allowed dataset roots (symbolic link?)")
-    return prepare_file(
-        source,
-        source.path,
-        max_pixels=max_pixels,
-        preprocessors=preprocessors,
-        is_known=is_known,
-        jpeg_decoder=jpeg_decoder,
-        processes=processes,
-    )
 
 
 def _store(

@@ -11,17 +11,11 @@ Resuming after a crash continues where the stored embeddings end.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from functools import partial
 
-import torch
-from PIL import Image
 from sqlalchemy import func, select
 
 from service.db.tables import Embedding, Item
-from service.imaging.preparation import Prepared, device_stage_for, prefetched_batches, prepare_file, stack
-from service.imaging.processes import DecodeProcessPool
-from service.imaging.store import ImageStore
+from service.imaging.preparation import BatchPreparation, Prepared, stack
 from service.item_writer import GalleryGoneError, missing_items
 from service.jobs.runner import JobContext, JobFailedError
 
@@ -65,17 +59,14 @@ def run_reembed(ctx: JobContext) -> dict[str, object]:
     ctx.advance(skipped=int(have), done=int(have))
 
     settings = state.settings
-    stage = device_stage_for(
-        {model_id: runtime.model}, jpeg_decoder=settings.jpeg_decoder, max_pixels=settings.max_image_pixels
-    )
-    prepare = partial(
-        _prepare,
-        store=state.images,
-        max_pixels=settings.max_image_pixels,
-        preprocessors={model_id: runtime.model.preprocess},
-        jpeg_decoder=stage.jpeg_decoder if stage is not None else None,
-        processes=state.decoder.processes,
-    )
+    models = {model_id: runtime.model}
+    preparation = BatchPreparation(state.decoder, models, jpeg_decoder=settings.jpeg_decoder)
+
+    def prepare(item: Item) -> Prepared[Item]:
+        return preparation.prepare_file(
+            item, state.images.source_of(item.content_hash, item.image_format, item.source_path)
+        )
+
     failed_ids: set[int] = set()
     after_id = -1
     while True:
@@ -97,13 +88,8 @@ def run_reembed(ctx: JobContext) -> dict[str, object]:
             after_id = -1
             continue
         after_id = items[-1].id
-        for batch in prefetched_batches(
-            state.decoder.pool,
-            items,
-            prepare,
-            batch_size=settings.ingest_batch_size,
-            prefetch=settings.ingest_prefetch_batches,
-            finish=stage,
+        for batch in preparation.batches(
+            items, prepare, batch_size=settings.ingest_batch_size, prefetch=settings.ingest_prefetch_batches
         ):
             ctx.check()
             good = [p for p in batch if p.error is None]
@@ -140,24 +126,3 @@ def run_reembed(ctx: JobContext) -> dict[str, object]:
         switched,
     )
     return {"switched": switched}
-
-
-def _prepare(
-    item: Item,
-    *,
-    store: ImageStore,
-    max_pixels: int,
-    preprocessors: dict[int, Callable[[Image.Image], torch.Tensor]],
-    jpeg_decoder: str | None,
-    processes: DecodeProcessPool | None = None,
-) -> Prepared[Item]:
-    path = store.source_of(item.content_hash, item.image_format, item.source_path)
-    return prepare_file(
-        item,
-        path,
-        max_pixels=max_pixels,
-        preprocessors=preprocessors,
-        is_known=lambda _: False,
-        jpeg_decoder=jpeg_decoder,
-        processes=processes,
-    )

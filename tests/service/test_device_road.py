@@ -23,9 +23,7 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-import service.api.uploads
-import service.jobs.evaluate
-import service.jobs.reembed
+import service.imaging.preparation
 from evaluation.feature_file import load_feature_file
 from service.api.uploads import embed_prepared
 from service.app import create_app
@@ -68,8 +66,7 @@ def _cpu_stage_for(road: str):
 def road(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """Every caller of device_stage_for gets the CPU stand-in of the GPU road ``gpu`` or ``cpu``."""
     CountingStage.images = 0
-    for module in (service.api.uploads, service.jobs.evaluate, service.jobs.reembed):
-        monkeypatch.setattr(module, "device_stage_for", _cpu_stage_for(request.param))
+    monkeypatch.setattr(service.imaging.preparation, "device_stage_for", _cpu_stage_for(request.param))
     yield request.param
 
 
