@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+import types
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,6 +219,13 @@ class SearchResult:
         # by name.
         return iter((self.scores, self.ids))
 
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        # FAISS users index the (D, I) tuple: result[0] are the scores, result[1] the ids.
+        return (self.scores, self.ids)[i]
+
     @classmethod
     def empty(cls, nq: int, k: int) -> SearchResult:
         """A result with nothing found for any of ``nq`` queries."""
@@ -226,6 +234,29 @@ class SearchResult:
             ids=np.full((nq, k), -1, dtype=np.int64),
             short=np.ones(nq, dtype=bool),
         )
+
+
+class snapshot_loader:
+    """``@classmethod`` for a backend's ``load``, refused on an instance.
+
+    ``load`` builds a new index from a snapshot; called as ``idx.load(path)`` on an index it would
+    return the new one and leave ``idx`` as it was, which reads like "idx is loaded". An instance
+    therefore has no ``load``: write ``idx = FaissIndex.load(path)`` or ``idx = load_index(path)``.
+    """
+
+    def __init__(self, func: Any) -> None:
+        self.__func__ = func
+        self.__doc__ = func.__doc__
+        self.__name__ = func.__name__
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        if instance is not None:
+            name = type(instance).__name__
+            raise AttributeError(
+                f"{name}.load builds a new index from a snapshot and cannot fill this one: "
+                f"write `idx = {name}.load(path)` or `idx = index.load_index(path)`"
+            )
+        return types.MethodType(self.__func__, owner)
 
 
 class ReadWriteLock:

@@ -5,13 +5,32 @@ Backends are imported on first use, so ``import index`` costs neither pymilvus n
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any
 
 from index.base import IndexInputError, SnapshotError, VectorIndex
 from index.snapshot import read_manifest
 
-BACKENDS = ("faiss", "milvus", "torch")
+# backend name -> (module, class); the module is imported on first use.
+_CLASSES = {
+    "faiss": ("index.faiss_index", "FaissIndex"),
+    "milvus": ("index.milvus_index", "MilvusIndex"),
+    "torch": ("index.torch_index", "TorchIndex"),
+}
+BACKENDS = tuple(_CLASSES)
+
+
+def backend_class(backend: str) -> type[VectorIndex]:
+    """The index class of ``backend``, imported now.
+
+    Raises:
+        IndexInputError: unknown backend.
+    """
+    if backend not in _CLASSES:
+        raise IndexInputError(f"unknown index backend '{backend}'; choose one of {list(BACKENDS)}")
+    module, name = _CLASSES[backend]
+    return getattr(importlib.import_module(module), name)
 
 
 def create_index(
@@ -35,19 +54,7 @@ def create_index(
     """
     if dim is None:
         raise IndexInputError("create_index needs dim= (the embedding dimension, e.g. 384 or 768)")
-    if backend == "faiss":
-        from index.faiss_index import FaissIndex
-
-        return FaissIndex(dim, spec, **options)
-    if backend == "milvus":
-        from index.milvus_index import MilvusIndex
-
-        return MilvusIndex(dim, spec, **options)
-    if backend == "torch":
-        from index.torch_index import TorchIndex
-
-        return TorchIndex(dim, spec, **options)
-    raise IndexInputError(f"unknown index backend '{backend}'; choose one of {list(BACKENDS)}")
+    return backend_class(backend)(dim, spec, **options)
 
 
 def load_index(path: str | Path, **options: Any) -> VectorIndex:
@@ -62,16 +69,6 @@ def load_index(path: str | Path, **options: Any) -> VectorIndex:
         SnapshotError: missing, corrupt or mismatched snapshot (rebuild from the database).
     """
     backend = read_manifest(path).backend
-    if backend == "faiss":
-        from index.faiss_index import FaissIndex
-
-        return FaissIndex.load(path, **options)
-    if backend == "milvus":
-        from index.milvus_index import MilvusIndex
-
-        return MilvusIndex.load(path, **options)
-    if backend == "torch":
-        from index.torch_index import TorchIndex
-
-        return TorchIndex.load(path, **options)
-    raise SnapshotError(f"snapshot at {path} names unknown backend '{backend}'")
+    if backend not in _CLASSES:
+        raise SnapshotError(f"the snapshot names unknown backend '{backend}'; rebuild it from the database")
+    return backend_class(backend).load(path, **options)

@@ -64,6 +64,7 @@ from index.base import (
     SnapshotError,
     check_dim,
     check_last_seq,
+    snapshot_loader,
 )
 from index.faiss_attributes import AttributeTable
 from index.faiss_specs import (
@@ -473,7 +474,7 @@ class FaissIndex(TableBackedIndex):
                 options=options,
             )
 
-    @classmethod
+    @snapshot_loader
     def load(cls, path: str | Path, **overrides: Any) -> FaissIndex:
         """Open a snapshot written by :meth:`save`, verifying its checksums.
 

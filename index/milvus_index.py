@@ -65,6 +65,7 @@ from index.base import (
     as_ids,
     check_dim,
     check_last_seq,
+    snapshot_loader,
 )
 
 logger = logging.getLogger(__name__)
@@ -458,7 +459,7 @@ class MilvusIndex(IndexBackend):
         }
         return self._write_snapshot(path, {}, count=count, last_seq=last_seq, options=options)
 
-    @classmethod
+    @snapshot_loader
     def load(cls, path: str | Path, *, token: str | None = None, **overrides: Any) -> MilvusIndex:
         """Reconnect to the collection a manifest describes.
 

@@ -61,6 +61,7 @@ from index.base import (
     as_unit_vectors,
     check_dim,
     check_last_seq,
+    snapshot_loader,
 )
 from index.faiss_attributes import AttributeTable
 
@@ -420,7 +421,7 @@ class TorchIndex(TableBackedIndex):
                 options=self._options(),
             )
 
-    @classmethod
+    @snapshot_loader
     def load(cls, path: str | Path, **overrides: Any) -> TorchIndex:
         """Open a snapshot written by :meth:`save`, verifying its checksums.
 

@@ -387,8 +387,12 @@ def test_save_load_round_trip(make_index: Callable[..., VectorIndex], tmp_path: 
     flt = SearchFilter(cameras={1, 3}, exclude_identity=2)
     before, before_f = index.search(q, 10), index.search(q, 10, filter=flt)
     index.save(tmp_path / "snap", last_seq=41)
+    # `load` builds a new index: called on an instance it would leave that one as it was.
+    with pytest.raises(AttributeError, match=r"write `idx = \w+\.load\(path\)`"):
+        index.load(tmp_path / "snap")
     loaded = load_index(tmp_path / "snap")
     assert type(loaded) is type(index) and loaded.spec == index.spec and loaded.dim == DIM
+    assert len(type(index).load(tmp_path / "snap")) == N - 50
     assert len(loaded) == N - 50
     assert not loaded.contains(gone).any() and loaded.contains(ids[50:]).all()
     after, after_f = loaded.search(q, 10), loaded.search(q, 10, filter=flt)
