@@ -32,10 +32,10 @@ from typing import Any
 if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np
 import torch
 
 from bench.machine import write_result
+from bench.timing import latency_ms
 
 logger = logging.getLogger("bench.batching")
 
@@ -84,13 +84,11 @@ async def _level(max_wait_ms: float, clients: int, seconds: float, model: TimedM
         await asyncio.gather(*(client() for _ in range(clients)))
     finally:
         await batcher.stop()
-    ms = np.array(latencies) * 1000.0
     return {
         "max_wait_ms": max_wait_ms,
         "clients": clients,
         "requests_per_s": round(len(latencies) / seconds, 1),
-        "p50_ms": round(float(np.percentile(ms, 50)), 3),
-        "p99_ms": round(float(np.percentile(ms, 99)), 3),
+        **latency_ms(latencies, percentiles=(50, 99), digits=3),
         "mean_batch": round(statistics.fmean(model.batches), 2) if model.batches else 0.0,
     }
 

@@ -50,6 +50,7 @@ import torch
 from PIL import Image
 
 from bench.machine import portable_traceback, write_result
+from bench.timing import synchronize
 
 log = logging.getLogger("bench.embedding")
 
@@ -179,11 +180,6 @@ def config(quick: bool, device: str, *, vit_b: bool | None = None) -> Config:
 # ------------------------------------------------------------------------------------------ timing
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-
-
 def _throughput(fn: Callable[[], Any], per_call: int, device: str, seconds: float, warmup: int = 3) -> float:
     """Items/s of ``fn`` (``per_call`` items each) over at least ``seconds`` and 3 calls, warm-up excluded.
 
@@ -192,12 +188,12 @@ def _throughput(fn: Callable[[], Any], per_call: int, device: str, seconds: floa
     min_calls = 3 if seconds > 0 else 1
     for _ in range(warmup if seconds > 0 else 1):
         fn()
-    _sync(device)
+    synchronize(device)
     calls, start = 0, time.perf_counter()
     while calls < min_calls or time.perf_counter() - start < seconds:
         fn()
         calls += 1
-    _sync(device)
+    synchronize(device)
     return calls * per_call / (time.perf_counter() - start)
 
 
@@ -205,12 +201,12 @@ def _latencies_ms(fn: Callable[[], Any], device: str, iters: int, warmup: int = 
     """Median and p95 wall time of ``fn`` (synchronised: what one request waits), in ms."""
     for _ in range(min(warmup, iters)):
         fn()
-    _sync(device)
+    synchronize(device)
     times = []
     for _ in range(iters):
         start = time.perf_counter()
         fn()
-        _sync(device)
+        synchronize(device)
         times.append(1e3 * (time.perf_counter() - start))
     times.sort()
     return {
@@ -559,7 +555,7 @@ def decode_case(cfg: Config, crops: list[bytes]) -> dict[str, Any]:
     def timed(fn: Callable[[], Any], items: int) -> float:
         start = time.perf_counter()
         fn()
-        _sync(cfg.device)
+        synchronize(cfg.device)
         return round(items / (time.perf_counter() - start), 1)
 
     per_core = crops[: max(32, n // 8)]
@@ -583,7 +579,7 @@ def decode_case(cfg: Config, crops: list[bytes]) -> dict[str, Any]:
         batch = 256
         chunks = [crops[i : i + batch] for i in range(0, n, batch)]
         decode_jpegs(chunks[0], cfg.device)  # nvJPEG initialisation
-        _sync(cfg.device)
+        synchronize(cfg.device)
         out["nvjpeg_batched"] = timed(lambda: [decode_jpegs(c, cfg.device) for c in chunks], n)
         prep = TensorPreprocess(
             cfg.input_size,
@@ -713,7 +709,7 @@ def search_case(cfg: Config) -> dict[str, Any]:
         m = min(step, n - s)
         block = torch.randn((m, dim), generator=gen, device=cfg.device)
         index.add(np.arange(s, s + m, dtype=np.int64), block)
-    _sync(cfg.device)
+    synchronize(cfg.device)
     add_s = time.perf_counter() - start
     rng = np.random.default_rng(SEED + 2)
     queries = rng.standard_normal((max(cfg.search_queries), dim), dtype=np.float32)

@@ -39,6 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from bench.machine import write_result
+from bench.timing import synchronize
 from training.denoiserep import convert, denoising_layers, fuse
 
 logger = logging.getLogger("bench.fusion")
@@ -117,11 +118,6 @@ def _macs_per_image(model: nn.Module, input_size: tuple[int, int]) -> float:
     return counter.get_total_flops() / 2
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _time_rounds(
     models: dict[str, nn.Module], x: torch.Tensor, settings: BenchSettings, label: str
 ) -> dict[str, list[float]]:
@@ -131,16 +127,16 @@ def _time_rounds(
         for model in models.values():
             for _ in range(settings.warmup):
                 model(x)
-        _synchronize(device)
+        synchronize(device)
         seconds: dict[str, list[float]] = {name: [] for name in models}
         names = list(models)
         for r in tqdm(range(settings.repeats), desc=label, leave=False):
             for name in names[r % len(names) :] + names[: r % len(names)]:
-                _synchronize(device)
+                synchronize(device)
                 start = time.perf_counter()
                 for _ in range(settings.iters):
                     models[name](x)
-                _synchronize(device)
+                synchronize(device)
                 seconds[name].append((time.perf_counter() - start) / settings.iters)
     return seconds
 

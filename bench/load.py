@@ -47,6 +47,7 @@ from PIL import Image
 
 from bench.machine import write_result
 from bench.server import FINAL_JOB_STATES, export_model, reid_server, serve_args, wait_job
+from bench.timing import latency_ms
 
 logger = logging.getLogger("bench.load")
 
@@ -95,19 +96,6 @@ def random_jpegs(n: int, seed: int, size: tuple[int, int] = (64, 128)) -> list[b
         Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, format="JPEG")
         out.append(buf.getvalue())
     return out
-
-
-def _percentiles(seconds: list[float]) -> dict[str, float | None]:
-    if not seconds:
-        return {"p50_ms": None, "p95_ms": None, "p99_ms": None, "mean_ms": None, "max_ms": None}
-    ms = np.asarray(seconds) * 1000.0
-    return {
-        "p50_ms": round(float(np.percentile(ms, 50)), 2),
-        "p95_ms": round(float(np.percentile(ms, 95)), 2),
-        "p99_ms": round(float(np.percentile(ms, 99)), 2),
-        "mean_ms": round(float(ms.mean()), 2),
-        "max_ms": round(float(ms.max()), 2),
-    }
 
 
 async def query_load(
@@ -193,7 +181,7 @@ async def query_load(
         "errors": errors,
         "seconds": round(elapsed, 2),
         "requests_per_s": round(ok / elapsed, 2) if elapsed > 0 else None,
-        **_percentiles(latencies),
+        **latency_ms(latencies),
         "completed_at": completed_at,
     }
 

@@ -63,6 +63,7 @@ from tqdm import tqdm
 
 from bench.machine import write_result
 from bench.server import export_model, reid_server, serve_args, wait_job
+from bench.timing import latency_ms, synchronize
 
 logger = logging.getLogger("bench.service")
 
@@ -131,11 +132,6 @@ def plan(quick: bool, device: str, *, arch: str | None = None, gallery_size: int
 # ------------------------------------------------------------------------------------- timing
 
 
-def _sync(device: str | torch.device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed_ms(
     fn: Callable[[], Any], device: str | torch.device, *, min_iters: int, seconds: float, warmup: int = 5
 ) -> dict[str, float]:
@@ -145,13 +141,13 @@ def timed_ms(
     """
     for _ in range(warmup):
         fn()
-    _sync(device)
+    synchronize(device)
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < min_iters or time.perf_counter() - start < seconds:
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        synchronize(device)
         times.append(1e3 * (time.perf_counter() - t0))
     times.sort()
     return {
@@ -171,7 +167,7 @@ def forward_throughput(model_dir: Path, images: list[Path], device: str, batch: 
     x = tensor[None].expand(batch, *tensor.shape).contiguous()
     for _ in range(3):  # warm-up: oneDNN/cuDNN kernel selection and the allocator take a few batches
         model.embed(x)
-    _sync(device)
+    synchronize(device)
     done, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds or done < 5 * batch:
         model.embed(x)  # returns on the CPU: includes the copy back, as the service's does
@@ -234,12 +230,13 @@ def insert_random_gallery(
             snapshot holds them; a snapshot prunes them, so a gallery served from a snapshot has none.
         chunk: rows per transaction (bounds SQLite's write-ahead log).
     """
-    from sqlalchemy import insert
+    from sqlalchemy.orm import sessionmaker
 
     from index import Attributes
-    from service.db.session import create_db_engine
-    from service.db.tables import Embedding, Item, Operation, utcnow
+    from service.db.session import create_db_engine, transaction
+    from service.db.tables import utcnow
     from service.gallery_index import attribute_code, epoch
+    from service.item_writer import NewItem, insert_items
 
     rng = np.random.default_rng(seed)
     now = utcnow()
@@ -250,6 +247,7 @@ def insert_random_gallery(
     seconds_ago = rng.integers(0, 30 * 86400, n)
     captured = [now - dt.timedelta(seconds=int(s)) for s in seconds_ago]
     engine = create_db_engine(database_url)
+    sessions = sessionmaker(engine)
     try:
         with tqdm(total=n, desc="gallery rows", unit="item", disable=None, mininterval=5) as bar:
             for start in range(0, n, chunk):
@@ -259,48 +257,28 @@ def insert_random_gallery(
                 vectors[start : start + m] = block
                 # Random 256-bit content hashes: unique, and cheaper than hashing a million strings.
                 hashes = rng.bytes(32 * m).hex()
-                items = [
-                    {
-                        "gallery_id": gallery_id,
-                        "identity": str(identity[start + i]),
-                        "camera": str(camera[start + i]),
-                        "captured_at": captured[start + i],
-                        "source_path": None,
-                        "content_hash": hashes[64 * i : 64 * (i + 1)],
-                        "image_format": "JPEG",
-                        "width": 64,
-                        "height": 128,
-                        "status": "active",
-                        "created_at": now,
-                    }
+                new_items = [
+                    NewItem(
+                        content_hash=hashes[64 * i : 64 * (i + 1)],
+                        image_format="JPEG",
+                        width=64,
+                        height=128,
+                        identity=str(identity[start + i]),
+                        camera=str(camera[start + i]),
+                        captured_at=captured[start + i],
+                    )
                     for i in range(m)
                 ]
-                with engine.begin() as conn:
-                    new_ids = list(
-                        conn.scalars(insert(Item).returning(Item.id, sort_by_parameter_order=True), items)
+                with transaction(sessions) as session:
+                    stored, _ = insert_items(
+                        session,
+                        gallery_id,
+                        new_items,
+                        {model_id: block},
+                        [model_id],
+                        log_operations=log_operations,
                     )
-                    conn.execute(
-                        insert(Embedding),
-                        [
-                            {"item_id": i, "model_id": model_id, "vector": block[j].tobytes()}
-                            for j, i in enumerate(new_ids)
-                        ],
-                    )
-                    if log_operations:
-                        conn.execute(
-                            insert(Operation),
-                            [
-                                {
-                                    "gallery_id": gallery_id,
-                                    "item_id": i,
-                                    "model_id": model_id,
-                                    "op": "add",
-                                    "created_at": now,
-                                }
-                                for i in new_ids
-                            ],
-                        )
-                ids[start : start + m] = new_ids
+                ids[start : start + m] = [item.id for item in stored]
                 bar.update(m)
     finally:
         engine.dispose()
@@ -571,16 +549,12 @@ async def _latency_level(url: str, path: str, image: bytes, clients: int, second
         deadline = start + seconds
         await asyncio.gather(*(client_loop(client) for _ in range(clients)))
         elapsed = time.perf_counter() - start
-    ms = np.array(latencies) * 1000.0
     return {
         "clients": clients,
         "requests": len(latencies),
         "errors": errors,
         "requests_per_s": round(len(latencies) / elapsed, 2),
-        "p50_ms": round(float(np.percentile(ms, 50)), 2) if len(ms) else None,
-        "p95_ms": round(float(np.percentile(ms, 95)), 2) if len(ms) else None,
-        "p99_ms": round(float(np.percentile(ms, 99)), 2) if len(ms) else None,
-        "mean_ms": round(float(statistics.fmean(ms)), 2) if len(ms) else None,
+        **latency_ms(latencies),
     }
 
 
@@ -595,13 +569,8 @@ async def _round_trip_ms(url: str, seconds: float) -> dict[str, Any]:
             t0 = time.perf_counter()
             r = await client.get("/health/live")
             r.raise_for_status()
-            times.append(1e3 * (time.perf_counter() - t0))
-    ms = np.array(times)
-    return {
-        "requests": len(times),
-        "p50_ms": round(float(np.percentile(ms, 50)), 3),
-        "p99_ms": round(float(np.percentile(ms, 99)), 3),
-    }
+            times.append(time.perf_counter() - t0)
+    return {"requests": len(times), **latency_ms(times, percentiles=(50, 99), digits=3)}
 
 
 # ------------------------------------------------------------------------------------- run

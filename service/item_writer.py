@@ -72,6 +72,78 @@ class StoredItem:
     created_at: dt.datetime
 
 
+def insert_items(
+    session: Session,
+    gallery_id: int,
+    new_items: Sequence[NewItem],
+    vectors: Mapping[int, np.ndarray],
+    model_ids: Collection[int],
+    *,
+    job_id: int | None = None,
+    log_operations: bool = True,
+) -> tuple[list[StoredItem], int | None]:
+    """Insert items, their embeddings by ``model_ids`` and their ``add`` operations; the caller commits.
+
+    The rows of an item are written here only (:meth:`ItemWriter.add`, and the benchmarks that fill
+    a gallery without a service), so a new column is added once.
+
+    Args:
+        vectors: model id -> ``(len(new_items), dim)`` embeddings, row ``i`` for item ``i``.
+        log_operations: also write the operation-log entries (False only for a gallery that is
+            served from a snapshot, which has pruned them).
+
+    Returns:
+        The stored items in order, and the last operation's sequence number (None without a log).
+    """
+    now = utcnow()
+    # Core bulk inserts (one multi-row statement each, RETURNING the keys in order): the ORM's
+    # per-object bookkeeping would cost more than the model's forward pass on a GPU.
+    rows = [
+        {
+            "gallery_id": gallery_id,
+            "identity": n.identity,
+            "camera": n.camera,
+            "captured_at": n.captured_at,
+            "source_path": n.source_path,
+            "content_hash": n.content_hash,
+            "image_format": n.image_format,
+            "width": n.width,
+            "height": n.height,
+            "status": "active",
+            "job_id": job_id,
+            "created_at": now,
+        }
+        for n in new_items
+    ]
+    item_table, op_table = Item.__table__, Operation.__table__
+    ids = list(
+        session.scalars(insert(item_table).returning(item_table.c.id, sort_by_parameter_order=True), rows)
+    )
+    embeddings, ops = [], []
+    for model_id in sorted(model_ids):
+        array = np.ascontiguousarray(vectors[model_id], dtype=np.float32)
+        embeddings.extend(
+            {"item_id": item_id, "model_id": model_id, "vector": array[row].tobytes()}
+            for row, item_id in enumerate(ids)
+        )
+        ops.extend(
+            {
+                "gallery_id": gallery_id,
+                "item_id": item_id,
+                "model_id": model_id,
+                "op": "add",
+                "created_at": now,
+            }
+            for item_id in ids
+        )
+    session.execute(insert(Embedding.__table__), embeddings)
+    last_seq = (
+        max(session.scalars(insert(op_table).returning(op_table.c.seq), ops)) if log_operations else None
+    )
+    items = [StoredItem(id=item_id, **row) for item_id, row in zip(ids, rows, strict=True)]
+    return items, last_seq
+
+
 def _existing_gallery(session: Session, gallery_id: int) -> Gallery:
     """The gallery's row; GalleryGoneError when it was deleted (e.g. while a job was running)."""
     gallery = session.get(Gallery, gallery_id)
@@ -126,52 +198,9 @@ class ItemWriter:
                 required = gallery_model_ids(session, gallery_id)
                 if not required.issubset(vectors):
                     raise GalleryModelsChangedError(required)
-                now = utcnow()
-                # Core bulk inserts (one multi-row statement each, RETURNING the keys in order): the
-                # ORM's per-object bookkeeping would cost more than the model's forward pass on a GPU.
-                rows = [
-                    {
-                        "gallery_id": gallery_id,
-                        "identity": n.identity,
-                        "camera": n.camera,
-                        "captured_at": n.captured_at,
-                        "source_path": n.source_path,
-                        "content_hash": n.content_hash,
-                        "image_format": n.image_format,
-                        "width": n.width,
-                        "height": n.height,
-                        "status": "active",
-                        "job_id": job_id,
-                        "created_at": now,
-                    }
-                    for n in new_items
-                ]
-                item_table, op_table = Item.__table__, Operation.__table__
-                ids = list(
-                    session.scalars(
-                        insert(item_table).returning(item_table.c.id, sort_by_parameter_order=True), rows
-                    )
+                items, last_seq = insert_items(
+                    session, gallery_id, new_items, vectors, required, job_id=job_id
                 )
-                embeddings, ops = [], []
-                for model_id in sorted(required):
-                    array = np.ascontiguousarray(vectors[model_id], dtype=np.float32)
-                    embeddings.extend(
-                        {"item_id": item_id, "model_id": model_id, "vector": array[row].tobytes()}
-                        for row, item_id in enumerate(ids)
-                    )
-                    ops.extend(
-                        {
-                            "gallery_id": gallery_id,
-                            "item_id": item_id,
-                            "model_id": model_id,
-                            "op": "add",
-                            "created_at": now,
-                        }
-                        for item_id in ids
-                    )
-                session.execute(insert(Embedding.__table__), embeddings)
-                last_seq = max(session.scalars(insert(op_table).returning(op_table.c.seq), ops))
-                items = [StoredItem(id=item_id, **row) for item_id, row in zip(ids, rows, strict=True)]
                 if before_commit is not None:
                     before_commit(session, items)
             # Committed: the items are acknowledged. Now the derived state.
