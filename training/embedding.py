@@ -120,7 +120,7 @@ def evaluate_embedder(
     num_workers: int = 0,
     device: str | torch.device | None = None,
 ) -> dict[str, Any]:
-    """Embeds a dataset's test split(s) and evaluates them; returns the ``index.metrics`` JSON.
+    """Embeds a dataset's test split(s) and evaluates them; returns the ``evaluation.metrics`` JSON.
 
     Market-1501 rule: the query split against the gallery split. VehicleID protocol: the gallery
     split (the whole test list) with random single-image galleries repeated ``trials`` times; when
@@ -128,7 +128,7 @@ def evaluate_embedder(
     pooled. The result gains ``skipped_images`` (unreadable images left out).
 
     Raises:
-        index.metrics.EvaluationError: nothing valid to evaluate.
+        evaluation.metrics.EvaluationError: nothing valid to evaluate.
     """
     from evaluation.metrics import evaluate_features, vehicleid_protocol
 

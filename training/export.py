@@ -158,7 +158,7 @@ def export_model(
         preprocess: the test-time transform settings (:class:`Preprocess` or its dict).
         name: a human-readable model name (default: the directory name).
         training: a summary of the training data and recipe, stored as is.
-        evaluation: evaluation results (the ``index.metrics`` JSON, with ``protocol``).
+        evaluation: evaluation results (the ``evaluation.metrics`` JSON, with ``protocol``).
         denoiserep: DenoiseRep settings; default: ``denoiserep.describe()`` of a converted model.
         include_classifier: also save the ID classifier (not needed for retrieval).
         overwrite: replace a non-empty ``out_dir``.

@@ -40,7 +40,7 @@ class VehicleID(DatasetParser):
     ``vehicle_id attribute_id``), under the root or inside ``VehicleID_V1.0/``.
 
     The test split has no fixed query/gallery: ``query`` is empty and ``gallery`` holds every image
-    of ``test_list_{test_size}.txt``. The VehicleID protocol (``index.metrics``) draws one gallery
+    of ``test_list_{test_size}.txt``. The VehicleID protocol (``evaluation.metrics``) draws one gallery
     image per vehicle from these at evaluation time, makes all the others queries, and repeats the
     draw with a seed. VehicleID records no cameras: every sample has ``camid`` 0 (so the Market
     same-camera rule must not be applied to it). Colour and model ids go to ``attrs`` when the
