@@ -602,11 +602,14 @@ def export_from_checkpoint(
     name: str | None = None,
     include_classifier: bool = False,
     overwrite: bool = False,
+    onnx: bool = False,
+    onnx_opset: int | None = None,
 ) -> Path:
     """Exports a training checkpoint (or a run directory's ``best.pt``/``last.pt``) as a model directory.
 
     The model.json records the checkpoint's training summary, the evaluation of exactly these
-    weights (when one ran at that epoch) and the DenoiseRep settings.
+    weights (when one ran at that epoch) and the DenoiseRep settings; ``onnx`` also writes
+    ``model.onnx`` (see :func:`export_model`).
 
     Raises:
         training.checkpoint.CheckpointError: no usable checkpoint at ``source``.
@@ -630,4 +633,6 @@ def export_from_checkpoint(
         evaluation=_evaluation_of(checkpoint),
         include_classifier=include_classifier,
         overwrite=overwrite,
+        onnx=onnx,
+        onnx_opset=onnx_opset,
     )
