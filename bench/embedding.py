@@ -779,11 +779,11 @@ def runtime_case(case: ModelCase, cfg: Config, workdir: Path) -> dict[str, Any]:
     for name, engine in engines.items():
         with torch.inference_mode():
             got = engine(x).float().cpu()
-        worst = float(embedding_cosines(got, reference).min())
-        agreement = float((_nearest_other(got) == _nearest_other(reference)).float().mean())
+        worst = round(float(embedding_cosines(got, reference).min()), 7)
+        agreement = round(float((_nearest_other(got) == _nearest_other(reference)).float().mean()), 4)
         parity[name] = {
-            "min_cosine": round(worst, 7),
-            "rank1_agreement": round(agreement, 4),
+            "min_cosine": worst,
+            "rank1_agreement": agreement,
             "passes": worst >= ONNX_MIN_COSINE and agreement == 1.0,
         }
     out["parity_vs_torch_float32"] = parity
