@@ -16,12 +16,20 @@ Every figure comes with its reference measured in the same run, on the same devi
    hash, check, decode, preprocess, pinned upload, embed) against the pure forward at the same batch
    size (goal on a GPU: >= 0.9x), for each JPEG road (gpu = nvJPEG, cpu = libjpeg-turbo + GPU resize,
    pil = everything on the CPU).
-4. **search**: the torch exact index (``index.torch_index``), 1M x 768 float16 on a GPU (100k x 384
+4. **runtime**: ResNet-50, ViT-S/16 and MobileNetV2 at 256x128, random init, exported with their
+   ONNX file: batch-1 latency and batch-``cfg.batch`` throughput of torch eager float32, torch
+   bfloat16 (only where the engine's half-precision check passes) and ONNX Runtime (the CPU
+   provider; on a GPU, torch's default engine and the cuda/tensorrt providers where installed), in
+   interleaved rounds (median of the rounds), each with its parity against torch float32 (min
+   cosine, rank-1 agreement on the batch). A variant *passes* at min cosine >= 0.99999 and full
+   rank-1 agreement; the fastest passing one is what ``REID_RUNTIME=auto`` should choose.
+5. **search**: the torch exact index (``index.torch_index``), 1M x 768 float16 on a GPU (100k x 384
    float32 on a CPU), 1 / 64 / 1024 queries, against a bare matrix product + top-k over the same
    tensor.
 
 ``--quick`` shrinks everything to seconds (tiny models, small batches, few files) so a test can run
-it on a CPU. Run: ``python -m bench.embedding [--quick] [--device cpu|cuda] [--vit-b] [--out PATH]``.
+it on a CPU; ``--parts`` runs some of the parts. Run:
+``python -m bench.embedding [--quick] [--device cpu|cuda] [--vit-b] [--parts runtime,...] [--out PATH]``.
 """
 
 from __future__ import annotations
@@ -95,6 +103,9 @@ class Config:
     #: The model case compiled by :func:`compile_case` (on a GPU), and its time limit in seconds.
     compile_model: str | None = None
     compile_limit_s: float = 0.0
+    #: The models of :func:`runtime_case` and its interleaved measurement rounds.
+    runtime_models: tuple[ModelCase, ...] = ()
+    runtime_rounds: int = 1
 
     @property
     def on_gpu(self) -> bool:
@@ -104,6 +115,9 @@ class Config:
 VIT_S = ModelCase("vit_s16", "vit_small_patch16_224")
 VIT_B = ModelCase("vit_b16", "vit_base_patch16_224")
 RESNET50 = ModelCase("resnet50", "resnet50")
+MOBILENETV2 = ModelCase("mobilenetv2", "mobilenetv2_100")
+#: The parts of a run, in order (``--parts``).
+PARTS = ("forward", "decode", "ingest", "runtime", "search")
 
 #: Environment variable: seconds the compile case may take (child start, compile, both measurements).
 COMPILE_LIMIT_ENV = "REID_BENCH_COMPILE_S"
@@ -153,6 +167,7 @@ def config(quick: bool, device: str, *, vit_b: bool | None = None) -> Config:
             search_queries=(1, 64, 256),
             compile_model="vit_s16",
             compile_limit_s=compile_limit_s(),
+            runtime_models=(ModelCase("resnet_tiny", "resnet18", {"layers": (1, 1, 1, 1)}),),
         )
     with_vit_b = on_gpu if vit_b is None else vit_b
     return Config(
@@ -174,6 +189,8 @@ def config(quick: bool, device: str, *, vit_b: bool | None = None) -> Config:
         # ViT-B/16 where it runs: the issue's H100 reference is ViT-B (15,100 compiled / 14,600 eager).
         compile_model=VIT_B.name if with_vit_b else VIT_S.name,
         compile_limit_s=compile_limit_s(),
+        runtime_models=(RESNET50, VIT_S, MOBILENETV2),
+        runtime_rounds=3,
     )
 
 
@@ -693,6 +710,106 @@ def ingest_case(case: ModelCase, cfg: Config, files: list[Path], workdir: Path) 
     return out  # the model goes with this frame; run() frees the device memory
 
 
+# ------------------------------------------------------------------------------------------ runtime
+
+
+def _nearest_other(embeddings: torch.Tensor) -> torch.Tensor:
+    sims = embeddings.float() @ embeddings.float().T
+    sims.fill_diagonal_(-float("inf"))
+    return sims.argmax(dim=1)
+
+
+def runtime_case(case: ModelCase, cfg: Config, workdir: Path) -> dict[str, Any]:
+    """torch float32, torch bfloat16 (where checked) and ONNX Runtime on one exported model, same run."""
+    from training.export import export_model, load_model
+    from training.inference import InferenceEngine, InferenceOptions, embedding_cosines, probe_batch
+    from training.onnx_runtime import ONNX_MIN_COSINE, OnnxRuntimeError
+
+    module = _reid_model(case, cfg)
+    started = time.perf_counter()
+    model_dir = export_model(
+        module,
+        workdir / f"runtime-{case.name}",
+        kind="person",
+        preprocess={"size": cfg.input_size, "interpolation": "bicubic"},
+        onnx=True,
+        overwrite=True,
+    )
+    out: dict[str, Any] = {
+        "model": case.name,
+        "arch": case.arch,
+        "batch": cfg.batch,
+        "export_with_onnx_s": round(time.perf_counter() - started, 1),
+        "threads": torch.get_num_threads(),
+    }
+    engines: dict[str, Any] = {
+        "torch_float32": load_model(
+            model_dir, cfg.device, runtime="torch", half_precision=False, cuda_graphs=False
+        ).engine
+    }
+    if cfg.on_gpu:  # what load_model does on a GPU: the checked half precision and CUDA graphs
+        engines["torch_default"] = load_model(model_dir, cfg.device, runtime="torch").engine
+    else:
+        bf16 = InferenceEngine(
+            copy.deepcopy(module),
+            cfg.device,
+            cfg.input_size,
+            InferenceOptions(half_precision=True, half_dtypes=(torch.bfloat16,)),
+        )
+        if bf16.dtype == torch.bfloat16:
+            engines["torch_bfloat16"] = bf16
+        else:
+            out["torch_bfloat16"] = f"not run: the half-precision check failed ({bf16.precision.min_cosine})"
+    for provider in ("cuda", "tensorrt") if cfg.on_gpu else ("cpu",):
+        try:
+            engines[f"onnx_{provider}"] = load_model(
+                model_dir, cfg.device, runtime="onnx", onnx_provider=provider
+            ).engine
+        except OnnxRuntimeError as exc:
+            out[f"onnx_{provider}"] = f"not available: {exc}"
+
+    x = probe_batch(cfg.batch, cfg.input_size, seed=SEED + 3, device=cfg.device)
+    with torch.inference_mode():
+        reference = engines["torch_float32"](x).float().cpu()
+    parity: dict[str, dict[str, Any]] = {}
+    for name, engine in engines.items():
+        with torch.inference_mode():
+            got = engine(x).float().cpu()
+        worst = round(float(embedding_cosines(got, reference).min()), 7)
+        agreement = round(float((_nearest_other(got) == _nearest_other(reference)).float().mean()), 4)
+        parity[name] = {
+            "min_cosine": worst,
+            "rank1_agreement": agreement,
+            "passes": worst >= ONNX_MIN_COSINE and agreement == 1.0,
+        }
+    out["parity_vs_torch_float32"] = parity
+
+    inputs = {name: (e.prepare_input(x), e.prepare_input(x[:1])) for name, e in engines.items()}
+    rates: dict[str, list[float]] = {name: [] for name in engines}
+    latencies: dict[str, list[float]] = {name: [] for name in engines}
+    # Interleaved rounds: a neighbour's load on the shared cores slows every variant alike.
+    for _ in range(cfg.runtime_rounds):
+        for name, engine in engines.items():
+            xb, x1 = inputs[name]
+            rate = _throughput(lambda e=engine, xb=xb: e(xb), cfg.batch, cfg.device, cfg.seconds)
+            rates[name].append(rate)
+            one = _latencies_ms(lambda e=engine, x1=x1: e(x1), cfg.device, cfg.latency_iters)
+            latencies[name].append(one["median_ms"])
+    out["images_per_s"] = {name: round(statistics.median(v), 1) for name, v in rates.items()}
+    out["batch1_ms"] = {name: round(statistics.median(v), 2) for name, v in latencies.items()}
+    out["rounds"] = {"images_per_s": rates, "batch1_ms": latencies}
+    base_rate, base_ms = out["images_per_s"]["torch_float32"], out["batch1_ms"]["torch_float32"]
+    out["throughput_vs_torch_float32"] = {k: round(v / base_rate, 2) for k, v in out["images_per_s"].items()}
+    out["batch1_speedup_vs_torch_float32"] = {k: round(base_ms / v, 2) for k, v in out["batch1_ms"].items()}
+    passing = [name for name in engines if parity[name]["passes"]]
+    out["fastest_passing"] = {
+        "batch1": min(passing, key=lambda n: out["batch1_ms"][n]),
+        f"batch{cfg.batch}": max(passing, key=lambda n: out["images_per_s"][n]),
+    }
+    out["engines"] = {name: e.describe() for name, e in engines.items()}
+    return out
+
+
 # ------------------------------------------------------------------------------------------ search
 
 
@@ -764,8 +881,17 @@ def search_case(cfg: Config) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ run
 
 
-def run(quick: bool = False, device: str | None = None, *, vit_b: bool | None = None) -> dict[str, Any]:
-    """Run every part (see the module docstring) and return the figures."""
+def run(
+    quick: bool = False,
+    device: str | None = None,
+    *,
+    vit_b: bool | None = None,
+    parts: tuple[str, ...] = PARTS,
+) -> dict[str, Any]:
+    """Run the parts (default: every part, see the module docstring) and return the figures."""
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise ValueError(f"unknown parts {unknown}: choose from {', '.join(PARTS)}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg = config(quick, device, vit_b=vit_b)
     started = time.perf_counter()
@@ -777,12 +903,15 @@ def run(quick: bool = False, device: str | None = None, *, vit_b: bool | None = 
         "load_average_start": round(os.getloadavg()[0], 2),
         "reference": REFERENCE,
     }
-    figures["forward"] = []
-    for m in cfg.models:
-        figures["forward"].append(_section(f"forward {m.name}", lambda m=m: forward_case(m, cfg)))
-        _free(cfg.device)
+    figures["parts"] = list(parts)
+    if "forward" in parts:
+        figures["forward"] = []
+        for m in cfg.models:
+            figures["forward"].append(_section(f"forward {m.name}", lambda m=m: forward_case(m, cfg)))
+            _free(cfg.device)
     crops = make_crops(cfg.crops, cfg.crop_size)
-    figures["decode"] = _section("decode", lambda: decode_case(cfg, crops))
+    if "decode" in parts:
+        figures["decode"] = _section("decode", lambda: decode_case(cfg, crops))
     with tempfile.TemporaryDirectory(prefix="bench-embedding-") as tmp:
         workdir = Path(tmp)
         files = []
@@ -791,17 +920,27 @@ def run(quick: bool = False, device: str | None = None, *, vit_b: bool | None = 
             path.write_bytes(data)
             files.append(path)
         by_name = {m.name: m for m in cfg.models}
-        figures["ingest"] = []
-        for name in cfg.ingest_models:
-            if name in by_name:
-                case = by_name[name]
-                figures["ingest"].append(
-                    _section(f"ingest {name}", lambda case=case: ingest_case(case, cfg, files, workdir))
+        if "ingest" in parts:
+            figures["ingest"] = []
+            for name in cfg.ingest_models:
+                if name in by_name:
+                    case = by_name[name]
+                    figures["ingest"].append(
+                        _section(f"ingest {name}", lambda case=case: ingest_case(case, cfg, files, workdir))
+                    )
+                    _free(cfg.device)
+        if "runtime" in parts:
+            figures["runtime"] = []
+            for m in cfg.runtime_models:
+                figures["runtime"].append(
+                    _section(f"runtime {m.name}", lambda m=m: runtime_case(m, cfg, workdir))
                 )
                 _free(cfg.device)
-    figures["search"] = _section("search", lambda: search_case(cfg))
-    _free(cfg.device)
-    figures["single_query_floor_ms"] = _single_query_floor(figures)
+    if "search" in parts:
+        figures["search"] = _section("search", lambda: search_case(cfg))
+        _free(cfg.device)
+    if "forward" in parts and "search" in parts:
+        figures["single_query_floor_ms"] = _single_query_floor(figures)
     figures["load_average_end"] = round(os.getloadavg()[0], 2)
     figures["seconds"] = round(time.perf_counter() - started, 1)
     return figures
@@ -826,9 +965,13 @@ def _single_query_floor(figures: dict[str, Any]) -> dict[str, float]:
 
 def markdown(figures: dict[str, Any]) -> str:
     """The main figures as markdown tables (what bench/README.md shows)."""
-    lines = ["| model | batch | images/s by dtype | half / fp32 | batch-1 eager ms | batch-1 graph ms |"]
-    lines.append("|---|---|---|---|---|---|")
-    for c in figures["forward"]:
+    lines: list[str] = []
+    if "forward" in figures:
+        lines += [
+            "| model | batch | images/s by dtype | half / fp32 | batch-1 eager ms | batch-1 graph ms |",
+            "|---|---|---|---|---|---|",
+        ]
+    for c in figures.get("forward", []):
         if "error" in c:
             lines.append(f"| ? | | error: {c['error']} | | | |")
             continue
@@ -838,7 +981,7 @@ def markdown(figures: dict[str, Any]) -> str:
         graph_ms = f"{graph['median_ms']:.2f}" if isinstance(graph, dict) else "n/a (CPU)"
         eager_ms = c["batch1_eager"]["median_ms"]
         lines.append(f"| {c['model']} | {c['batch']} | {rates} | {ratio} | {eager_ms:.2f} | {graph_ms} |")
-    compiled = [c["compile"] for c in figures["forward"] if "compile" in c]
+    compiled = [c["compile"] for c in figures.get("forward", []) if "compile" in c]
     if compiled:
         lines += [
             "",
@@ -856,8 +999,9 @@ def markdown(figures: dict[str, Any]) -> str:
                     f"{comp['images_per_s']['eager']:,.0f} | {comp['images_per_s']['compiled']:,.0f} | "
                     f"{comp['compiled_vs_eager']}x | {comp['compile_s']} |"
                 )
-    lines += ["", "| ingestion | road | images/s | forward images/s | ratio |", "|---|---|---|---|---|"]
-    for c in figures["ingest"]:
+    if "ingest" in figures:
+        lines += ["", "| ingestion | road | images/s | forward images/s | ratio |", "|---|---|---|---|---|"]
+    for c in figures.get("ingest", []):
         if "error" in c:
             lines.append(f"| ? | error: {c['error']} | | | |")
             continue
@@ -866,7 +1010,8 @@ def markdown(figures: dict[str, Any]) -> str:
                 f"| {c['model']} | {road} | {rate:,.0f} | {c['forward_images_per_s']:,.0f} | "
                 f"{c['ratio_to_forward'][road]} |"
             )
-    s = figures["search"]
+    lines += _runtime_markdown(figures.get("runtime", []))
+    s = figures.get("search", {"error": "not run"})
     if "error" not in s:
         lines += [
             "",
@@ -881,19 +1026,50 @@ def markdown(figures: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _runtime_markdown(cases: list[dict[str, Any]]) -> list[str]:
+    """The runtime part: one row per model and runtime, with its parity against torch float32."""
+    if not cases:
+        return []
+    lines = [
+        "",
+        "| model | runtime | batch-1 ms | images/s | batch-1 / torch fp32 | images/s / torch fp32 "
+        "| min cosine vs fp32 | rank-1 agreement | passes |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in cases:
+        if "error" in c:
+            lines.append(f"| ? | error: {c['error']} | | | | | | | |")
+            continue
+        for name, rate in c["images_per_s"].items():
+            parity = c["parity_vs_torch_float32"][name]
+            speedup, gain = c["batch1_speedup_vs_torch_float32"][name], c["throughput_vs_torch_float32"][name]
+            lines.append(
+                f"| {c['model']} | {name} | {c['batch1_ms'][name]:.2f} | {rate:,.1f} | {speedup}x | "
+                f"{gain}x | {parity['min_cosine']:.7f} | {parity['rank1_agreement']} | {parity['passes']} |"
+            )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: seconds on a CPU")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--vit-b", action="store_true", default=None, help="include ViT-B/16 on a CPU too")
     parser.add_argument(
-        "--out", default=None, help="JSON path (default bench/results/embedding-{cpu,gpu}.json)"
+        "--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)} (default: all)"
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="JSON path (default bench/results/embedding-{cpu,gpu}[-PARTS][-quick].json)",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    figures = run(args.quick, args.device, vit_b=args.vit_b)
+    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
+    figures = run(args.quick, args.device, vit_b=args.vit_b, parts=parts)
     kind = "gpu" if figures["device"].startswith("cuda") else "cpu"
-    out = Path(args.out or f"bench/results/embedding-{kind}{'-quick' if args.quick else ''}.json")
+    subset = "" if set(parts) == set(PARTS) else "-" + "-".join(parts)
+    out = Path(args.out or f"bench/results/embedding-{kind}{subset}{'-quick' if args.quick else ''}.json")
     write_result(out, "embedding", figures)
     print(markdown(figures))
     print(f"\nwritten to {out}")

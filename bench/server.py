@@ -28,8 +28,9 @@ _POLL_S = 0.1
 FINAL_JOB_STATES = ("succeeded", "failed", "cancelled")
 
 
-def export_model(out: Path, arch: str, size: tuple[int, int], seed: int = 0) -> Path:
-    """A random-init exported person model of timm backbone ``arch`` and input (height, width) ``size``."""
+def export_model(out: Path, arch: str, size: tuple[int, int], seed: int = 0, *, onnx: bool = False) -> Path:
+    """A random-init exported person model of timm backbone ``arch`` and input (height, width) ``size``
+    (with ``model.onnx`` when ``onnx``)."""
     import torch
 
     from training.export import export_model as export
@@ -38,7 +39,12 @@ def export_model(out: Path, arch: str, size: tuple[int, int], seed: int = 0) -> 
     torch.manual_seed(seed)
     model = ReIDModel(arch, img_size=size).eval()
     return export(
-        model, out, kind="person", name=arch, preprocess={"size": size, "interpolation": "bilinear"}
+        model,
+        out,
+        kind="person",
+        name=arch,
+        preprocess={"size": size, "interpolation": "bilinear"},
+        onnx=onnx,
     )
 
 

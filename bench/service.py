@@ -157,11 +157,13 @@ def timed_ms(
     }
 
 
-def forward_throughput(model_dir: Path, images: list[Path], device: str, batch: int, seconds: float) -> float:
-    """Images/s of ``LoadedModel.embed`` on preprocessed batches (the model alone)."""
+def forward_throughput(
+    model_dir: Path, images: list[Path], device: str, batch: int, seconds: float, runtime: str = "torch"
+) -> float:
+    """Images/s of ``LoadedModel.embed`` on preprocessed batches (the model alone, on ``runtime``)."""
     from training.export import load_model
 
-    model = load_model(model_dir, device=device)
+    model = load_model(model_dir, device=device, runtime=runtime)
     with Image.open(images[0]) as img:
         tensor = model.preprocess(img.convert("RGB"))
     x = tensor[None].expand(batch, *tensor.shape).contiguous()
@@ -409,10 +411,11 @@ class QueryReference:
         gallery: (n, dim) float32 unit vectors of the served gallery.
         search_device, search_dtype: where and in what precision the service's index searches.
         k: results per query.
+        runtime: the service's runtime (``torch``, ``onnx`` or ``auto``).
 
-    The model is loaded as the service loads it (``service.app``): half precision and CUDA graphs on
-    CUDA, float32 eager on a CPU, no compile. Its input is already on the device, and nothing is
-    copied back: what remains is the model and the search themselves.
+    The model is loaded as the service loads it (``service.app``): its runtime, half precision and
+    CUDA graphs on CUDA, float32 eager on a CPU, no compile. Its input is already on the device, and
+    nothing is copied back: what remains is the model and the search themselves.
     """
 
     def __init__(
@@ -424,13 +427,16 @@ class QueryReference:
         search_device: torch.device,
         search_dtype: torch.dtype,
         k: int = K,
+        runtime: str = "torch",
     ) -> None:
         import io
 
         from training.export import load_model
 
         on_cuda = torch.device(device).type == "cuda"
-        self.model = load_model(model_dir, device=device, half_precision=on_cuda, cuda_graphs=on_cuda)
+        self.model = load_model(
+            model_dir, device=device, half_precision=on_cuda, cuda_graphs=on_cuda, runtime=runtime
+        )
         engine = self.model.engine
         assert engine is not None
         self.engine = engine
@@ -468,6 +474,7 @@ class QueryReference:
         return {
             "model_device": str(self.model.device),
             "model_dtype": str(self.model.dtype).removeprefix("torch."),
+            "model_runtime": self.model.runtime,
             "cuda_graphs": self.engine.graphs is not None,
             "search_device": str(self.search_device),
             "search_dtype": str(self.search_dtype).removeprefix("torch."),
@@ -585,6 +592,7 @@ def run(
     gallery_start: str = "snapshot",
     index_backend: str | None = None,
     max_wait_ms: float | None = None,
+    runtime: str | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark; returns its figures (see the module docstring).
 
@@ -597,6 +605,9 @@ def run(
         index_backend: the servers' ``REID_INDEX_BACKEND`` (default: theirs, i.e. the environment's
             or the service's default); the figures record the backend the server reports.
         max_wait_ms: the servers' ``REID_MAX_WAIT_MS`` (default: the service's).
+        runtime: the servers' ``REID_RUNTIME`` (default: the environment's or the service's), also
+            used by the in-process references; the model is exported with ``model.onnx`` so that
+            ``auto`` and ``onnx`` can use ONNX Runtime.
     """
     from sqlalchemy import select
 
@@ -610,6 +621,7 @@ def run(
         raise GalleryStartError(f"gallery_start must be one of {GALLERY_STARTS}, got {gallery_start!r}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     p = plan(quick, device, arch=arch, gallery_size=gallery_size)
+    runtime = runtime or os.environ.get("REID_RUNTIME") or str(Settings.model_fields["runtime"].default)
 
     load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="reid-bench-service-") as tmp_name:
@@ -619,8 +631,10 @@ def run(
             datasets / "market", layout="market1501", ids=p.ids, images_per_id=12, seed=0, progress=False
         )
         gallery_images = [Path(s.path) for s in build_dataset("market1501", market).gallery]
-        model_dir = export_model(tmp / "model", p.arch, p.input_size)
-        forward_before = forward_throughput(model_dir, gallery_images, device, p.batch, p.forward_seconds)
+        model_dir = export_model(tmp / "model", p.arch, p.input_size, onnx=True)
+        forward_before = forward_throughput(
+            model_dir, gallery_images, device, p.batch, p.forward_seconds, runtime
+        )
         logger.info("pure forward: %.1f images/s (%s, batch %d, %s)", forward_before, p.arch, p.batch, device)
 
         database_url = f"sqlite:///{tmp / 'reid.sqlite3'}"
@@ -632,6 +646,7 @@ def run(
             "REID_SNAPSHOT_INTERVAL_S": "3600",
             # Latency under load is the figure; the per-client rate limit would answer 429s instead.
             "REID_RATE_LIMIT_PER_S": "0",
+            "REID_RUNTIME": runtime,
         }
         if index_backend is not None:
             env["REID_INDEX_BACKEND"] = index_backend
@@ -654,7 +669,9 @@ def run(
             big = client.post("/v1/galleries", json={"name": "big", "model": "person"}).json()
         # The reference is measured right before and right after the job, so slow drift (thermal,
         # other load on the machine) hits both sides alike.
-        forward_after = forward_throughput(model_dir, gallery_images, device, p.batch, p.forward_seconds)
+        forward_after = forward_throughput(
+            model_dir, gallery_images, device, p.batch, p.forward_seconds, runtime
+        )
         forward = (forward_before + forward_after) / 2
         logger.info("ingestion: %.1f images/s (%.2fx the forward pass)", ingest_rate, ingest_rate / forward)
 
@@ -692,7 +709,9 @@ def run(
             torch.cuda.empty_cache()
 
         search_device, search_dtype = index_placement(backend, model["dim"])
-        reference = QueryReference(model_dir, device, query, rows.vectors, search_device, search_dtype)
+        reference = QueryReference(
+            model_dir, device, query, rows.vectors, search_device, search_dtype, runtime=runtime
+        )
         rounds = [reference.measure(min_iters=p.reference_min_iters, seconds=p.reference_seconds)]
         latency = []
         with serve(args, env, log) as (url, ready_s), _quiet_http_client():
@@ -727,10 +746,11 @@ def run(
     for level in latency:
         level["ratio_to_reference"] = ratios_to_reference(level, ref["reference_ms"])
     single = next(level for level in latency if level["clients"] == 1)["ratio_to_reference"]
-    same_model = (ref_described["model_dtype"], ref_described["model_device"]) == (
-        model["dtype"],
-        model["device"],
-    )
+    same_model = (
+        ref_described["model_dtype"],
+        ref_described["model_device"],
+        ref_described["model_runtime"],
+    ) == (model["dtype"], model["device"], model["runtime"])
     return {
         "device": device,
         "quick": quick,
@@ -741,6 +761,8 @@ def run(
             "input_size": list(p.input_size),
             "dim": model["dim"],
             "dtype": model["dtype"],
+            "runtime": model["runtime"],
+            "runtime_setting": runtime,
         },
         "batch_size": p.batch,
         "forward_images_per_s": round(forward, 1),
@@ -829,6 +851,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--index-backend", default=None, help="the servers' index backend (faiss, torch)")
     parser.add_argument("--max-wait-ms", type=float, default=None, help="the micro-batcher's wait (ms)")
     parser.add_argument(
+        "--runtime", default=None, help="the servers' runtime: auto, torch or onnx (default: the service's)"
+    )
+    parser.add_argument(
         "--out", default=None, help="JSON path (default bench/results/service-{cpu,gpu}.json)"
     )
     args = parser.parse_args(argv)
@@ -842,6 +867,7 @@ def main(argv: list[str] | None = None) -> int:
         gallery_start=args.gallery_start,
         index_backend=args.index_backend,
         max_wait_ms=args.max_wait_ms,
+        runtime=args.runtime,
     )
     kind = "gpu" if figures["device"].startswith("cuda") else "cpu"
     out = Path(args.out or f"bench/results/service-{kind}{'-quick' if args.quick else ''}.json")

@@ -102,6 +102,8 @@ def _load_models(settings: Settings, sessions: Any) -> ModelRegistry:
             half_precision=settings.half_precision and on_cuda,
             cuda_graphs=settings.cuda_graphs and on_cuda,
             compile=settings.compile,
+            runtime=settings.runtime,
+            onnx_provider=settings.onnx_provider,
         )
         with transaction(sessions) as session:
             row = session.scalar(
@@ -129,13 +131,14 @@ def _load_models(settings: Settings, sessions: Any) -> ModelRegistry:
         )
         registry.add(ModelRuntime(spec.name, loaded.version, row_id, loaded, batcher, str(spec.path)))
         logger.info(
-            "model %s@%s (%s, dim %d) on %s (%s)",
+            "model %s@%s (%s, dim %d) on %s (%s, %s runtime)",
             spec.name,
             loaded.version,
             loaded.kind,
             loaded.dim,
             loaded.device,
             str(loaded.dtype).removeprefix("torch."),
+            loaded.runtime,
         )
     return registry
 

@@ -35,6 +35,14 @@ def serve(
         "faiss-gpu, else faiss]."
     ),
     device: str | None = typer.Option(None, help="Torch device for the models [default: cuda if available]."),
+    runtime: str | None = typer.Option(
+        None,
+        help="torch, onnx (ONNX Runtime on each model's model.onnx) or auto (ONNX Runtime for CNNs on a "
+        "CPU when the model has model.onnx) [default: auto].",
+    ),
+    onnx_provider: str | None = typer.Option(
+        None, help="ONNX Runtime provider: auto, cpu, cuda or tensorrt [default: auto: from --device]."
+    ),
     config: Path | None = typer.Option(None, help="Settings file (YAML, or .env) [default: $REID_CONFIG]."),
     auth: str | None = typer.Option(
         None, help="API keys: on, off or auto (on unless --host is loopback) [default: auto]."
@@ -62,6 +70,8 @@ def serve(
         dataset_roots=dataset_root or None,
         index_backend=index_backend,
         device=device,
+        runtime=runtime,
+        onnx_provider=onnx_provider,
         log_format=log_format,
         auth=auth,
     )
@@ -110,12 +120,20 @@ def _preflight(settings: Any) -> None:
             "can add and delete data",
             err=True,
         )
+    from training.onnx_runtime import ONNX_NAME
+
     for spec in settings.models:
         if not (spec.path / "model.json").is_file():
             raise typer.BadParameter(
                 f"model {spec.name}: {spec.path} is not an exported model directory (no model.json); "
                 "export one with `reid export`",
                 param_hint="--model",
+            )
+        if settings.runtime == "onnx" and not (spec.path / ONNX_NAME).is_file():
+            raise typer.BadParameter(
+                f"model {spec.name}: {spec.path} has no model.onnx, which --runtime onnx runs; add it with "
+                f"`reid export-onnx {spec.path}`, or serve with --runtime torch or auto",
+                param_hint="--runtime",
             )
     for root in settings.dataset_roots:
         if not root.is_dir():

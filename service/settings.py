@@ -139,6 +139,20 @@ class Settings(BaseSettings):
     compile: bool = Field(
         False, description="torch.compile the models at start-up (minutes) for large-batch throughput."
     )
+    runtime: Literal["auto", "torch", "onnx"] = Field(
+        "auto",
+        description="What runs the models: torch, onnx (ONNX Runtime on the model directory's model.onnx, "
+        "written by `reid export --onnx` or `reid export-onnx MODEL_DIR`; checked at start-up against the "
+        "PyTorch model, min cosine >= 0.99999) or auto: ONNX Runtime for convolutional models on a CPU "
+        "when their directory has model.onnx (1.9-6x faster there, bench/README.md), torch otherwise "
+        "(transformers, and CUDA, where the half-precision CUDA-graph path runs).",
+    )
+    onnx_provider: Literal["auto", "cpu", "cuda", "tensorrt"] = Field(
+        "auto",
+        description="ONNX Runtime execution provider when the onnx runtime runs a model: auto (cuda on a "
+        "CUDA device, else cpu), cpu, cuda or tensorrt (the last two need the onnxruntime-gpu wheel "
+        "instead of onnxruntime, and TensorRT's libraries for tensorrt).",
+    )
     jpeg_decoder: Literal["gpu", "cpu", "pil"] = Field(
         "gpu",
         description="How JPEGs (uploads, ingestion, evaluation, re-embedding) are decoded when the models "

@@ -86,6 +86,23 @@ def test_embedding_figures_carry_their_references(quick_run: dict) -> None:
     assert set(emb["single_query_floor_ms"]) == {case["model"] for case in emb["forward"]}
 
 
+def test_runtime_figures_compare_torch_and_onnx_runtime_side_by_side(quick_run: dict) -> None:
+    (case,) = quick_run["figures"]["embedding"]["runtime"]
+    assert "error" not in case, case
+    assert set(case["images_per_s"]) == {"torch_float32", "torch_bfloat16", "onnx_cpu"}
+    for name, rate in case["images_per_s"].items():
+        assert rate > 0 and case["batch1_ms"][name] > 0
+        assert case["throughput_vs_torch_float32"][name] == pytest.approx(
+            rate / case["images_per_s"]["torch_float32"], rel=0.01
+        )
+    parity = case["parity_vs_torch_float32"]
+    assert parity["onnx_cpu"]["passes"] and parity["onnx_cpu"]["min_cosine"] >= 0.99999
+    for figures in parity.values():
+        assert figures["passes"] == (figures["min_cosine"] >= 0.99999 and figures["rank1_agreement"] == 1)
+    assert set(case["fastest_passing"].values()) <= {"torch_float32", "onnx_cpu"}
+    assert case["engines"]["onnx_cpu"]["providers"] == ["CPUExecutionProvider"]
+
+
 def test_batching_figures_compare_every_wait_side_by_side(quick_run: dict) -> None:
     from bench.batching import CLIENTS, WAITS_MS
 

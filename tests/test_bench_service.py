@@ -219,6 +219,7 @@ def test_quick_run_reports_query_latency_against_its_reference(tmp_path: Path) -
     out = tmp_path / "service.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     env.pop("REID_INDEX_BACKEND", None)
+    env.pop("REID_RUNTIME", None)
     proc = subprocess.run(
         [sys.executable, "-m", "bench.service", "--quick", "--device", "cpu", "--out", str(out)],
         cwd=REPO,
@@ -241,6 +242,10 @@ def test_quick_run_reports_query_latency_against_its_reference(tmp_path: Path) -
     assert ref["forward_ms"] > 0 and ref["search_ms"] > 0
     assert query["reference_ms"] == pytest.approx(ref["forward_ms"] + ref["search_ms"], abs=1e-3)
     assert ref["same_dtype_and_device_as_service"] is True
+    # The service's default runtime (auto) runs a CNN with a model.onnx through ONNX Runtime on a CPU,
+    # and the reference runs the same runtime.
+    assert figures["model"]["runtime_setting"] == "auto"
+    assert figures["model"]["runtime"] == ref["model_runtime"] == "onnx"
     assert ref["gallery_shape"] == [query["gallery_items"], query["gallery_dim"]]
     # Rounds before, between the levels and after: the reference is their lowest medians.
     assert len(ref["rounds"]) == len(query["levels"]) + 2

@@ -1,4 +1,4 @@
-"""`reid train`, `reid export`, `reid evaluate`.
+"""`reid train`, `reid export`, `reid export-onnx`, `reid evaluate`.
 
 Each command turns the foreseeable mistakes (a missing dataset folder, an unknown backbone, a
 checkpoint of another architecture, pretrained weights that do not fit ...) into one ``error:`` line
@@ -31,6 +31,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from training.engine import TrainingError
     from training.export import ModelExistsError, ModelFormatError
     from training.model import UnknownBackboneError
+    from training.onnx_export import OnnxExportError
+    from training.onnx_runtime import OnnxRuntimeError
 
     errors: list[type[BaseException]] = [
         CheckpointError,
@@ -41,6 +43,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         TrainingError,
         ModelExistsError,
         ModelFormatError,
+        OnnxExportError,
+        OnnxRuntimeError,
         UnknownBackboneError,
     ]
     try:
@@ -178,6 +182,11 @@ def export_command(
         bool, typer.Option("--include-classifier", help="Also save the ID classifier.")
     ] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out.")] = False,
+    onnx: Annotated[
+        bool,
+        typer.Option("--onnx", help="Also write model.onnx (dynamic batch), checked through ONNX Runtime."),
+    ] = False,
+    opset: Annotated[int | None, typer.Option(help="ONNX opset [default: 18].")] = None,
 ) -> None:
     """Fuse the DenoiseRep denoisers and write a deployable model directory (weights + model.json)."""
     with friendly_errors():
@@ -190,9 +199,33 @@ def export_command(
         if run_dir.is_dir() and checkpoint == "last":
             source = run_dir / LAST_NAME
         path = export_from_checkpoint(
-            source, out, name=name, include_classifier=include_classifier, overwrite=overwrite
+            source,
+            out,
+            name=name,
+            include_classifier=include_classifier,
+            overwrite=overwrite,
+            onnx=onnx,
+            onnx_opset=opset,
         )
-        typer.echo(f"exported {path}")
+        typer.echo(f"exported {path}" + (" (with model.onnx)" if onnx else ""))
+
+
+def export_onnx_command(
+    model: Annotated[Path, typer.Argument(help="An exported model directory (`reid export`).")],
+    opset: Annotated[int | None, typer.Option(help="ONNX opset [default: 18].")] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace the directory's existing model.onnx.")
+    ] = False,
+) -> None:
+    """Add model.onnx to an exported model directory (for `reid serve --runtime onnx`)."""
+    with friendly_errors():
+        from training.onnx_export import ONNX_OPSET, add_onnx
+
+        section = add_onnx(model, opset=opset or ONNX_OPSET, overwrite=overwrite)
+        typer.echo(
+            f"wrote {model / section['file']} (opset {section['opset']}, min cosine with PyTorch "
+            f"{section['parity']['min_cosine']:.7f})"
+        )
 
 
 def evaluate_command(
@@ -211,6 +244,13 @@ def evaluate_command(
     metric: Annotated[str, typer.Option(help="cosine or euclidean.")] = "cosine",
     rerank: Annotated[bool, typer.Option("--rerank", help="k-reciprocal re-ranking.")] = False,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N (auto: cuda when available).")] = "auto",
+    runtime: Annotated[
+        str,
+        typer.Option(
+            help="torch, onnx (the model's model.onnx through ONNX Runtime) or auto (ONNX Runtime for "
+            "CNNs on a CPU when the model has model.onnx)."
+        ),
+    ] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 128,
     num_workers: Annotated[int, typer.Option(help="Image-decoding worker processes.")] = 2,
     as_json: Annotated[
@@ -225,8 +265,11 @@ def evaluate_command(
         from training.distributed import resolve_device
         from training.embedding import evaluate_embedder
         from training.export import load_model
+        from training.onnx_runtime import RUNTIMES, OnnxRuntimeError
 
-        loaded = load_model(model, resolve_device(device))
+        if runtime not in RUNTIMES:
+            raise OnnxRuntimeError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+        loaded = load_model(model, resolve_device(device), runtime=runtime)
         options: dict[str, Any] = {}
         protocol_test_size = test_size
         if test_size is not None and "test_size" in dataset_options(dataset):
@@ -255,11 +298,12 @@ def evaluate_command(
             num_workers=num_workers,
             device=loaded.device,
         )
-        result["model"] = {"name": loaded.name, "version": loaded.version}
+        result["model"] = {"name": loaded.name, "version": loaded.version, "runtime": loaded.runtime}
         typer.echo(json.dumps(result) if as_json else format_table(result))
 
 
 def register(app: typer.Typer) -> None:
     app.command("train")(train_command)
     app.command("export")(export_command)
+    app.command("export-onnx")(export_onnx_command)
     app.command("evaluate")(evaluate_command)

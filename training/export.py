@@ -7,7 +7,8 @@ A model directory holds two files:
 * ``model.json``: ``format_version``, ``name``, ``architecture`` (timm name and kwargs), ``embedding``
   (dimension, which feature, normalised), ``input`` (size, interpolation, mean, std), ``kind``
   (person or vehicle), a training summary, evaluation results with their protocol, the DenoiseRep
-  settings, the SHA-256 of ``model.safetensors`` and the creation time.
+  settings, the SHA-256 of ``model.safetensors`` and the creation time; from format version 2, an
+  optional ``onnx`` section describing ``model.onnx`` (see :mod:`training.onnx_export`).
 
 :func:`export_model` writes it (atomically, and without touching the trained model) and
 :func:`load_model` is the only reader: the service and ``reid evaluate`` both go through it.
@@ -26,7 +27,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -38,10 +39,14 @@ from training.data.transforms import Preprocess, build_test_transform
 from training.inference import InferenceEngine, InferenceOptions, TensorPreprocess, decode_jpegs
 from training.model import EMBEDDINGS, ReIDModel, UnknownBackboneError
 
+if TYPE_CHECKING:
+    from training.onnx_runtime import OnnxEngine
+
 __all__ = [
     "FORMAT_VERSION",
     "JSON_NAME",
     "KINDS",
+    "READABLE_FORMAT_VERSIONS",
     "WEIGHTS_NAME",
     "LoadedModel",
     "ModelExistsError",
@@ -55,7 +60,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+#: Version 2 adds the optional ``onnx`` section; version 1 directories have none and still load.
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 WEIGHTS_NAME = "model.safetensors"
 JSON_NAME = "model.json"
 KINDS = ("person", "vehicle")
@@ -148,6 +155,8 @@ def export_model(
     denoiserep: Mapping[str, Any] | None = None,
     include_classifier: bool = False,
     overwrite: bool = False,
+    onnx: bool = False,
+    onnx_opset: int | None = None,
 ) -> Path:
     """Writes a deployable model directory (fused weights + ``model.json``) atomically.
 
@@ -162,12 +171,16 @@ def export_model(
         denoiserep: DenoiseRep settings; default: ``denoiserep.describe()`` of a converted model.
         include_classifier: also save the ID classifier (not needed for retrieval).
         overwrite: replace a non-empty ``out_dir``.
+        onnx: also write ``model.onnx``, checked through ONNX Runtime (:mod:`training.onnx_export`).
+        onnx_opset: its opset (default :data:`training.onnx_export.ONNX_OPSET`).
 
     Returns:
         The model directory.
 
     Raises:
         ModelExistsError: ``out_dir`` is not empty and ``overwrite`` is false.
+        training.onnx_export.OnnxExportError: ``onnx`` and the model cannot be exported (nothing is
+            written then).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -210,6 +223,19 @@ def export_model(
             "weights_sha256": digest,
             "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         }
+        if onnx:
+            from training.onnx_export import ONNX_OPSET, export_onnx
+
+            meta["onnx"] = export_onnx(
+                plain.to("cpu").float(),  # a copy already: the caller's model stays where it is
+                tmp,
+                prep,
+                arch=plain.arch,
+                dim=plain.embed_dim,
+                feature=plain.embedding,
+                weights_sha256=digest,
+                opset=onnx_opset or ONNX_OPSET,
+            )
         (tmp / JSON_NAME).write_text(json.dumps(meta, indent=2, default=_json_default) + "\n")
         _fsync_dir_files(tmp)
         _replace_dir(tmp, out_dir, overwrite=overwrite)
@@ -279,7 +305,9 @@ class LoadedModel:
         device: where the module runs.
         dtype: the module's floating-point type.
         engine: the :class:`~training.inference.InferenceEngine` that runs the module (half
-            precision, channels_last, CUDA graphs, compile); built from ``dtype`` when not given.
+            precision, channels_last, CUDA graphs, compile), or the
+            :class:`~training.onnx_runtime.OnnxEngine` that runs the model's ONNX file instead; a
+            torch engine is built from ``dtype`` when not given.
     """
 
     name: str
@@ -294,7 +322,7 @@ class LoadedModel:
     module: nn.Module
     device: torch.device
     dtype: torch.dtype = torch.float32
-    engine: InferenceEngine | None = None
+    engine: InferenceEngine | OnnxEngine | None = None
     _transform: Any = field(default=None, init=False, repr=False)
     _tensor_preprocess: TensorPreprocess | None = field(default=None, init=False, repr=False)
 
@@ -316,6 +344,12 @@ class LoadedModel:
                 dtype=self.dtype,
                 channels_last=self.engine.channels_last,
             )
+
+    @property
+    def runtime(self) -> str:
+        """``torch`` or ``onnx``: what runs the model."""
+        assert self.engine is not None
+        return self.engine.runtime
 
     @property
     def preprocess_config(self) -> Preprocess:
@@ -393,14 +427,15 @@ def _read_meta(model_dir: Path) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise ModelFormatError(f"{json_path} must hold a JSON object; re-export the model")
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version not in READABLE_FORMAT_VERSIONS:
         hint = (
             "it was written by a newer version of this software: upgrade to load it"
-            if isinstance(version, int) and version > FORMAT_VERSION
+            if type(version) is int and version > FORMAT_VERSION
             else "re-export the model with `reid export`"
         )
+        readable = " and ".join(str(v) for v in READABLE_FORMAT_VERSIONS)
         raise ModelFormatError(
-            f"{json_path} has format_version {version!r}, this loader reads version {FORMAT_VERSION}; {hint}"
+            f"{json_path} has format_version {version!r}, this loader reads versions {readable}; {hint}"
         )
     return meta
 
@@ -422,6 +457,8 @@ def load_model(
     half_precision: bool | None = None,
     cuda_graphs: bool | None = None,
     compile: bool = False,
+    runtime: str = "torch",
+    onnx_provider: str | None = None,
 ) -> LoadedModel:
     """Loads an exported model directory, verifying its format version and weights checksum.
 
@@ -434,10 +471,18 @@ def load_model(
         half_precision: allow the half-precision choice (default: on CUDA only); False keeps float32.
         cuda_graphs: replay CUDA graphs for query-sized batches (default: on CUDA).
         compile: ``torch.compile`` the forward for large batches (compiled at load, fixed buckets).
+        runtime: ``torch`` (the options above), ``onnx`` (ONNX Runtime on the directory's
+            ``model.onnx``, float32, checked against the PyTorch model at load) or ``auto``
+            (:func:`training.onnx_runtime.resolve_runtime`: ONNX Runtime where it was measured faster
+            and the file passes that check, torch otherwise).
+        onnx_provider: ONNX Runtime provider, ``cpu``, ``cuda`` or ``tensorrt`` (default: from
+            ``device``).
 
     Raises:
         ModelFormatError: missing files, wrong format version, checksum mismatch, or weights that
             do not fit the recorded architecture.
+        training.onnx_runtime.OnnxRuntimeError: ``runtime="onnx"`` and the directory has no usable
+            ONNX file, the provider is missing, or the file does not reproduce the PyTorch embeddings.
     """
     model_dir = Path(model_dir)
     meta = _read_meta(model_dir)
@@ -493,16 +538,30 @@ def load_model(
         ) from exc
 
     device = torch.device(device)
-    module = module.to(device=device).eval()
-    module.requires_grad_(False)
-    engine = InferenceEngine(
-        module,
-        device,
-        prep.size,
-        InferenceOptions(
-            dtype=dtype, half_precision=half_precision, cuda_graphs=cuda_graphs, compile=compile
-        ),
-    )
+    module.eval().requires_grad_(False)
+    engine: InferenceEngine | OnnxEngine | None = None
+    if runtime != "torch":
+        from training.onnx_runtime import onnx_engine
+
+        engine = onnx_engine(
+            model_dir,
+            meta,
+            module,
+            device,
+            prep.size,
+            runtime=runtime,
+            provider=onnx_provider,
+            torch_options={"dtype": dtype, "compile": compile},
+        )
+    if engine is None:
+        engine = InferenceEngine(
+            module.to(device=device),
+            device,
+            prep.size,
+            InferenceOptions(
+                dtype=dtype, half_precision=half_precision, cuda_graphs=cuda_graphs, compile=compile
+            ),
+        )
     return LoadedModel(
         name=str(meta.get("name") or model_dir.name),
         version=str(expected)[:12],
@@ -543,11 +602,14 @@ def export_from_checkpoint(
     name: str | None = None,
     include_classifier: bool = False,
     overwrite: bool = False,
+    onnx: bool = False,
+    onnx_opset: int | None = None,
 ) -> Path:
     """Exports a training checkpoint (or a run directory's ``best.pt``/``last.pt``) as a model directory.
 
     The model.json records the checkpoint's training summary, the evaluation of exactly these
-    weights (when one ran at that epoch) and the DenoiseRep settings.
+    weights (when one ran at that epoch) and the DenoiseRep settings; ``onnx`` also writes
+    ``model.onnx`` (see :func:`export_model`).
 
     Raises:
         training.checkpoint.CheckpointError: no usable checkpoint at ``source``.
@@ -571,4 +633,6 @@ def export_from_checkpoint(
         evaluation=_evaluation_of(checkpoint),
         include_classifier=include_classifier,
         overwrite=overwrite,
+        onnx=onnx,
+        onnx_opset=onnx_opset,
     )

@@ -46,6 +46,7 @@ __all__ = [
     "MIN_HALF_COSINE",
     "TENSOR_INTERPOLATIONS",
     "BucketedGraphs",
+    "EmbeddingGraph",
     "InferenceEngine",
     "InferenceOptions",
     "PrecisionReport",
@@ -205,16 +206,27 @@ def _is_cnn(module: nn.Module) -> bool:
     return sum(isinstance(m, nn.Conv2d) for m in module.modules()) > 1
 
 
-def _embed_fn(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The forward that graphs and compile capture: raw embedding, L2-normalised in float32."""
-    embed = getattr(module, "embed", None)
-    raw = embed if callable(embed) else module
+class EmbeddingGraph(nn.Module):
+    """What an engine computes from a batch: the raw embedding, L2-normalised in float32.
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
+    The one definition of the served embedding: CUDA graphs and compile capture it, and the ONNX
+    export (``training.onnx_export``) exports exactly this module.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        embed = getattr(self.model, "embed", None)
+        raw = embed(images) if callable(embed) else self.model(images)
         # Normalise in float32: half-precision sums of squares lose precision for 768-d features.
-        return F.normalize(raw(x).float(), dim=1)
+        return F.normalize(raw.float(), dim=1)
 
-    return forward
+
+def _embed_fn(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The forward that graphs and compile capture (see :class:`EmbeddingGraph`)."""
+    return EmbeddingGraph(module)
 
 
 class BucketedGraphs:
@@ -331,6 +343,9 @@ class InferenceEngine:
         input_size: (height, width) of the model input, for the probe batch and the warm-ups.
         options: :class:`InferenceOptions`.
     """
+
+    #: Which runtime runs the model (``training.onnx_runtime.OnnxEngine`` says ``"onnx"``).
+    runtime = "torch"
 
     def __init__(
         self,
@@ -523,6 +538,7 @@ class InferenceEngine:
     def describe(self) -> dict[str, Any]:
         """What the engine does, for logs, the API and benchmark JSON."""
         return {
+            "runtime": self.runtime,
             "device": str(self.device),
             "precision": self.precision.to_dict(),
             "channels_last": self.channels_last,

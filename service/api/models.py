@@ -30,6 +30,7 @@ def model_out(runtime: ModelRuntime, *, default: bool) -> ModelOut:
         default=default,
         device=str(runtime.model.device),
         dtype=str(runtime.model.dtype).removeprefix("torch."),
+        runtime=runtime.model.runtime,
     )
 
 

@@ -54,6 +54,7 @@ class ModelOut(BaseModel):
     default: bool = Field(description="Whether this version answers to the bare name.")
     device: str = Field(examples=["cuda:0"])
     dtype: str = Field(examples=["float16"])
+    runtime: str = Field(examples=["torch"], description="What runs the model: torch or onnx (ONNX Runtime).")
 
 
 # ---------------------------------------------------------------------------------------- galleries
