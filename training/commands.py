@@ -219,9 +219,9 @@ def export_onnx_command(
 ) -> None:
     """Add model.onnx to an exported model directory (for `reid serve --runtime onnx`)."""
     with friendly_errors():
-        from training.onnx_export import ONNX_OPSET, add_onnx
+        from training.export import add_onnx
 
-        section = add_onnx(model, opset=opset or ONNX_OPSET, overwrite=overwrite)
+        section = add_onnx(model, opset=opset, overwrite=overwrite)
         typer.echo(
             f"wrote {model / section['file']} (opset {section['opset']}, min cosine with PyTorch "
             f"{section['parity']['min_cosine']:.7f})"

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
-import hashlib
 import json
 import logging
 import os
@@ -35,6 +34,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from index.snapshot import sha256_file
 from training.data.transforms import Preprocess, build_test_transform
 from training.inference import InferenceEngine, InferenceOptions, TensorPreprocess, decode_jpegs
 from training.model import EMBEDDINGS, ReIDModel, UnknownBackboneError
@@ -51,6 +51,7 @@ __all__ = [
     "LoadedModel",
     "ModelExistsError",
     "ModelFormatError",
+    "add_onnx",
     "export_from_checkpoint",
     "export_model",
     "fused_model",
@@ -74,15 +75,6 @@ class ModelFormatError(ValueError):
 
 class ModelExistsError(FileExistsError):
     """The export target exists and is not empty (pass ``overwrite=True`` to replace it)."""
-
-
-def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks so large weights do not need to fit in memory twice."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk_size):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -636,3 +628,51 @@ def export_from_checkpoint(
         onnx=onnx,
         onnx_opset=onnx_opset,
     )
+
+
+def add_onnx(model_dir: str | Path, *, opset: int | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Adds ``model.onnx`` to an exported model directory and records it in ``model.json``.
+
+    The model is loaded as ``load_model`` loads it (format and weights checksum verified), exported,
+    checked, and ``model.json`` is rewritten atomically with the ``onnx`` section and format version
+    2; every other field is kept as it was.
+
+    Raises:
+        training.export.ModelFormatError: not a loadable model directory.
+        ModelExistsError: the directory has an ONNX export already and ``overwrite`` is false.
+        training.onnx_export.OnnxExportError: the model cannot be exported (nothing in the directory
+            changes then).
+    """
+    from training.onnx_export import ONNX_OPSET, export_onnx
+    from training.onnx_runtime import ONNX_NAME
+
+    model_dir = Path(model_dir)
+    loaded = load_model(model_dir, "cpu", runtime="torch")
+    meta = dict(loaded.meta)
+    if (meta.get("onnx") is not None or (model_dir / ONNX_NAME).exists()) and not overwrite:
+        raise ModelExistsError(
+            f"{model_dir} has an ONNX export already ({ONNX_NAME}); pass --overwrite to export it again"
+        )
+    meta["onnx"] = export_onnx(
+        loaded.module,
+        model_dir,
+        loaded.preprocess_config,
+        arch=str(meta["architecture"]["backbone"]),
+        dim=loaded.dim,
+        feature=str(meta["embedding"]["feature"]),
+        weights_sha256=str(meta["weights_sha256"]),
+        opset=opset or ONNX_OPSET,
+    )
+    meta["format_version"] = FORMAT_VERSION
+    json_path = model_dir / JSON_NAME
+    tmp = model_dir / f".{JSON_NAME}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(json.dumps(meta, indent=2) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, json_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return meta["onnx"]

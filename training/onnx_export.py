@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 
+from index.snapshot import sha256_file
 from training.data.transforms import Preprocess
-from training.export import FORMAT_VERSION, JSON_NAME, ModelExistsError, load_model, sha256_file
 from training.inference import EmbeddingGraph, probe_batch
 from training.onnx_runtime import (
     ONNX_MIN_COSINE,
@@ -49,7 +49,6 @@ __all__ = [
     "ONNX_OPSET",
     "OUTPUT_NAME",
     "OnnxExportError",
-    "add_onnx",
     "export_onnx",
 ]
 
@@ -142,9 +141,7 @@ def _export_program(model: torch.nn.Module, input_size: tuple[int, int], opset: 
     batch = torch.export.Dim(BATCH_AXIS, min=1, max=1 << 16)
     try:
         # The key is EmbeddingGraph.forward's parameter name.
-        program = torch.export.export(
-            graph, (example,), dynamic_shapes={"images": {0: batch}}, strict=False
-        )
+        program = torch.export.export(graph, (example,), dynamic_shapes={"images": {0: batch}}, strict=False)
     except Exception as exc:  # torch.export raises many types (UserError, Unsupported, guard errors...)
         raise OnnxExportError(
             f"torch.export cannot capture {arch} for ONNX opset {opset} with a dynamic batch axis: "
@@ -299,47 +296,3 @@ def export_onnx(
         parity["min_cosine"],
     )
     return section
-
-
-def add_onnx(model_dir: str | Path, *, opset: int = ONNX_OPSET, overwrite: bool = False) -> dict[str, Any]:
-    """Adds ``model.onnx`` to an exported model directory and records it in ``model.json``.
-
-    The model is loaded as ``load_model`` loads it (format and weights checksum verified), exported,
-    checked, and ``model.json`` is rewritten atomically with the ``onnx`` section and format version
-    2; every other field is kept as it was.
-
-    Raises:
-        training.export.ModelFormatError: not a loadable model directory.
-        ModelExistsError: the directory has an ONNX export already and ``overwrite`` is false.
-        OnnxExportError: the model cannot be exported (nothing in the directory changes then).
-    """
-    model_dir = Path(model_dir)
-    loaded = load_model(model_dir, "cpu", runtime="torch")
-    meta = dict(loaded.meta)
-    if (meta.get("onnx") is not None or (model_dir / ONNX_NAME).exists()) and not overwrite:
-        raise ModelExistsError(
-            f"{model_dir} has an ONNX export already ({ONNX_NAME}); pass --overwrite to export it again"
-        )
-    meta["onnx"] = export_onnx(
-        loaded.module,
-        model_dir,
-        loaded.preprocess_config,
-        arch=str(meta["architecture"]["backbone"]),
-        dim=loaded.dim,
-        feature=str(meta["embedding"]["feature"]),
-        weights_sha256=str(meta["weights_sha256"]),
-        opset=opset,
-    )
-    meta["format_version"] = FORMAT_VERSION
-    json_path = model_dir / JSON_NAME
-    tmp = model_dir / f".{JSON_NAME}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "w") as fh:
-            fh.write(json.dumps(meta, indent=2) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, json_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return meta["onnx"]

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from index.snapshot import sha256_file
 from training.inference import EmbeddingGraph, embedding_cosines, probe_batch
 
 __all__ = [
@@ -313,8 +314,6 @@ def _onnx_file(model_dir: Path, meta: Mapping[str, Any]) -> tuple[Path, dict[str
         OnnxRuntimeError: no section or file, a file name that leaves the directory, a checksum
             mismatch, or a file exported from other weights.
     """
-    from training.export import sha256_file
-
     export_hint = f"run `reid export-onnx {model_dir}` to add one (or use runtime torch)"
     section = meta.get("onnx")
     if not isinstance(section, Mapping):

@@ -17,10 +17,17 @@ from typer.testing import CliRunner
 from training.__main__ import app
 from training.checkpoint import save_checkpoint
 from training.data.transforms import Preprocess
-from training.export import FORMAT_VERSION, ModelExistsError, ModelFormatError, export_model, load_model
+from training.export import (
+    FORMAT_VERSION,
+    ModelExistsError,
+    ModelFormatError,
+    add_onnx,
+    export_model,
+    load_model,
+)
 from training.inference import embedding_cosines, probe_batch
 from training.model import ReIDModel
-from training.onnx_export import ONNX_OPSET, OnnxExportError, add_onnx
+from training.onnx_export import ONNX_OPSET, OnnxExportError
 from training.onnx_runtime import ONNX_MIN_COSINE, ONNX_NAME, OnnxRuntimeError, resolve_runtime
 
 SIZE = (64, 32)
