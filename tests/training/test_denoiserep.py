@@ -155,6 +155,7 @@ CONV_CASES = st.fixed_dictionaries(
         "dtype": st.sampled_from([torch.float64, torch.float32]),
         "t": st.integers(1, 1000),
         "seed": st.integers(0, 2**31 - 1),
+        "side": st.sampled_from(["input", "output"]),
     }
 )
 
@@ -179,18 +180,30 @@ def test_conv_fused_equals_unfused(case):
         bias=case["bias"],
         padding_mode=case["padding_mode"],
     ).to(dtype)
-    layer = DenoisingConv2d(source, DiffusionSchedule(1000, (1e-4, 2e-3)).step(case["t"]), SETTINGS).eval()
+    side = case["side"]
+    step = DiffusionSchedule(1000, (1e-4, 2e-3)).step(case["t"])
+    layer = DenoisingConv2d(source, step, SETTINGS, side=side).eval()
     randomize(layer, g)
-    assert layer.denoiser_weight.shape == (groups, out_ch // groups, out_ch // groups)
+    mixed = in_ch if side == "input" else out_ch
+    assert layer.denoiser_weight.shape == (groups, mixed // groups, mixed // groups)
+    assert (layer.denoiser_bias is not None) == (side == "output" and case["bias"])
     x = torch.randn((2, in_ch, 15, 14), generator=g, dtype=torch.float64).to(dtype)
 
-    # Reference: conv output, then the 1x1 denoiser as a dense block-diagonal matrix over channels.
+    # Reference: the 1x1 denoiser as a dense block-diagonal matrix over channels, applied to the
+    # input before the conv (input side) or to the conv output (output side).
     c1, c3 = layer.step.c1, layer.step.c3
     with torch.no_grad():
-        y = source(x).double()
         dense = torch.block_diag(*layer.denoiser_weight.double())
-        d = layer.denoiser_bias.double() if case["bias"] else torch.zeros(out_ch, dtype=torch.float64)
-        expected = c3 * y - c1 * (torch.einsum("oc,nchw->nohw", dense, y) + d[:, None, None])
+        if side == "input":
+            x64 = x.double()
+            denoised = c3 * x64 - c1 * torch.einsum("ic,nchw->nihw", dense, x64)
+            y = source.double()(x64)
+            expected = source.double()(denoised)
+            source.to(dtype)
+        else:
+            y = source(x).double()
+            d = layer.denoiser_bias.double() if case["bias"] else torch.zeros(out_ch, dtype=torch.float64)
+            expected = c3 * y - c1 * (torch.einsum("oc,nchw->nohw", dense, y) + d[:, None, None])
         unfused = layer(x)
         plain = layer.plain_layer()
         fused = plain(x)
@@ -211,27 +224,40 @@ def test_conv_fused_equals_unfused(case):
     assert rel_err(train_forward, unfused) <= TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv"])
-def test_train_forward_gradients_equal_the_unfused_maths(kind):
-    """The fused training forward is differentiable and gives the same gradients as the explicit maths."""
+@pytest.mark.parametrize("kind", ["linear", "conv-input", "conv-output"])
+def test_train_forward_gradients_equal_the_unfused_maths_and_never_reach_the_denoiser(kind):
+    """The fused training forward gives W and b the gradients of the explicit maths; D and d get none.
+
+    The task loss must not train the denoisers (they learn from their own label-free loss only).
+    """
     g = torch.Generator().manual_seed(3)
-    source = (
-        nn.Linear(5, 4).double() if kind == "linear" else nn.Conv2d(4, 6, 3, padding=1, groups=2).double()
-    )
-    cls = DenoisingLinear if kind == "linear" else DenoisingConv2d
-    layer = cls(source, DiffusionSchedule(1000, (1e-4, 2e-3)).step(7), SETTINGS)
+    step = DiffusionSchedule(1000, (1e-4, 2e-3)).step(7)
+    if kind == "linear":
+        layer = DenoisingLinear(nn.Linear(5, 4).double(), step, SETTINGS)
+    else:
+        source = nn.Conv2d(4, 6, 3, padding=1, groups=2, bias=True).double()
+        layer = DenoisingConv2d(source, step, SETTINGS, side=kind.split("-")[1])
     randomize(layer, g)
     x = torch.randn((3, 5) if kind == "linear" else (2, 4, 6, 6), generator=g, dtype=torch.float64)
-    params = [layer.weight, layer.bias, *layer.denoiser_parameters()]
+    params = [layer.weight, layer.bias]
 
-    def grads(mode: str) -> list[torch.Tensor]:
+    def task_loss(mode: str) -> torch.Tensor:
         out = layer.train(mode == "train")(x)
         weights = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).reshape(out.shape)
-        return list(torch.autograd.grad((out * weights).sum(), params))
+        return (out * weights).sum()
 
-    for a, b in zip(grads("train"), grads("eval"), strict=True):
+    for a, b in zip(
+        torch.autograd.grad(task_loss("train"), params),
+        torch.autograd.grad(task_loss("eval"), params),
+        strict=True,
+    ):
         assert a.abs().max() > 0
         assert rel_err(a, b) <= 1e-10
+    layer.pop_loss()
+    denoiser_grads = torch.autograd.grad(
+        task_loss("train"), layer.denoiser_parameters(), allow_unused=True, materialize_grads=True
+    )
+    assert all(not grad.any() for grad in denoiser_grads)
     layer.pop_loss()
 
 
@@ -300,7 +326,7 @@ def test_predicate_picking_an_unconvertible_layer_is_refused():
 def test_unknown_schedule_and_reference_on_non_mlp_are_refused():
     with pytest.raises(DenoiseRepError, match="unknown schedule"):
         convert(TinyNet(), layers="linear", schedule="cosine")
-    with pytest.raises(DenoiseRepError, match="only defined for layers='mlp'"):
+    with pytest.raises(DenoiseRepError, match="only defined for the MLP linears"):
         convert(TinyNet(), layers="linear", schedule="reference")
 
 
@@ -343,15 +369,23 @@ def test_operations_on_an_unconverted_model_say_convert_first(call):
 def test_describe_is_json_and_complete():
     net = convert(TinyNet(), layers="linear", timesteps=50, beta=(1e-4, 1e-2))
     info = json.loads(json.dumps(describe(net)))
+    # D = 0: W' = c3 W, so ||W' - W|| / ||W|| is c3 - 1 of each layer's step (t = 2 > t = 1).
+    c3_change, c3_change_t1 = net.body[0].step.c3 - 1, net.body[2].step.c3 - 1
+    assert c3_change > c3_change_t1 > 0
     assert info == {
         "layers": "linear",
         "schedule": "depth",
         "timesteps": 50,
         "beta": [1e-4, 1e-2],
+        "conv_side": "input",
         "num_layers": 2,
+        "weight_change": {
+            "mean": pytest.approx((c3_change + c3_change_t1) / 2),
+            "max": pytest.approx(c3_change),
+        },
         "per_layer": [
-            {"name": "body.0", "kind": "linear", "t": 2},
-            {"name": "body.2", "kind": "linear", "t": 1},
+            {"name": "body.0", "kind": "linear", "t": 2, "weight_change": pytest.approx(c3_change)},
+            {"name": "body.2", "kind": "linear", "t": 1, "weight_change": pytest.approx(c3_change_t1)},
         ],
     }
     predicate = convert(TinyNet(), layers=lambda name, module: name == "head")
@@ -374,29 +408,31 @@ def test_linear_loss_is_the_noise_prediction_loss():
     eps = torch.randn_like(x)  # the same draw the layer made
     x_t = layer.step.sqrt_abar * x + layer.step.sqrt_one_minus_abar * eps
     predicted = x_t @ layer.denoiser_weight.detach().T + layer.denoiser_bias.detach()
-    expected = (predicted - eps).abs().mean() + (predicted - eps).square().mean()
+    # Summed over the feature, averaged over the 2 x 4 rows: the gradient on D does not shrink with width.
+    expected = ((predicted - eps).abs().sum(-1) + (predicted - eps).square().sum(-1)).mean()
     assert recorded is not None
     assert float(recorded.detach()) == pytest.approx(float(expected.detach()), rel=1e-12)
     assert layer.pop_loss() is None
 
 
-def test_conv_loss_is_on_the_detached_conv_output():
+@pytest.mark.parametrize("side", ["input", "output"])
+def test_conv_loss_is_on_the_detached_feature_the_denoiser_reads(side):
     g = torch.Generator().manual_seed(6)
     source = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, bias=False).double()
-    layer = DenoisingConv2d(source, DiffusionSchedule(1000, (1e-4, 2e-3)).step(3), SETTINGS)
+    layer = DenoisingConv2d(source, DiffusionSchedule(1000, (1e-4, 2e-3)).step(3), SETTINGS, side=side)
     randomize(layer, g)
     x = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64, requires_grad=True)
     torch.manual_seed(12)
     layer.train()(x)
     recorded = layer.pop_loss()
     with torch.no_grad():
-        y = source(x)
+        y = x.detach() if side == "input" else source(x)
     torch.manual_seed(12)
     eps = torch.randn_like(y)
     x_t = layer.step.sqrt_abar * y + layer.step.sqrt_one_minus_abar * eps
     dense = torch.block_diag(*layer.denoiser_weight.detach())
     predicted = torch.einsum("oc,nchw->nohw", dense, x_t)
-    expected = (predicted - eps).abs().mean() + (predicted - eps).square().mean()
+    expected = ((predicted - eps).abs().sum(1) + (predicted - eps).square().sum(1)).mean()
     assert float(recorded.detach()) == pytest.approx(float(expected.detach()), rel=1e-12)
     # The loss trains the denoiser only: no gradient flows back into the input or the conv weight.
     recorded.backward()
@@ -430,21 +466,26 @@ def test_denoise_loss_is_label_free_sums_forwards_and_resets():
     assert float(empty.detach()) == 0.0 and not empty.requires_grad
 
 
-def test_no_loss_is_recorded_in_eval_under_no_grad_or_in_the_backbone_phase():
+def test_no_loss_is_recorded_in_eval_or_in_the_backbone_phase_and_one_is_under_no_grad():
     net = convert(TinyNet(), layers="linear")
     x = torch.randn(2, 6)
     net.eval()(x)
     assert float(denoise_loss(net).detach()) == 0.0
-    net.train()
-    with torch.no_grad():
-        net(x)
-    assert float(denoise_loss(net).detach()) == 0.0
     set_phase(net, "backbone")
-    net(x)
+    net.train()(x)
     assert float(denoise_loss(net).detach()) == 0.0
     set_phase(net, "joint")
     net(x)
     assert float(denoise_loss(net).detach()) > 0.0
+    # A denoiser phase runs the backbone without autograd; the denoisers still get their loss.
+    set_phase(net, "denoiser")
+    with torch.no_grad():
+        out = net(x)
+    loss = denoise_loss(net)
+    assert not out.requires_grad
+    assert loss.requires_grad and float(loss.detach()) > 0.0
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in denoiser_parameters(net))
 
 
 def test_a_converted_model_with_a_pending_loss_can_be_copied_and_pickled():

@@ -71,6 +71,7 @@ from .layers import (
     DenoisingConv2d,
     DenoisingLayer,
     DenoisingLinear,
+    fuse_conv_input_parameters,
     fuse_conv_parameters,
     fuse_linear_parameters,
 )
@@ -85,6 +86,8 @@ from .network import (
     fuse,
     is_converted,
     set_phase,
+    summarize_changes,
+    weight_changes,
 )
 from .schedule import DiffusionSchedule, StepCoefficients
 from .selection import LAYER_SPECS
@@ -105,8 +108,11 @@ __all__ = [
     "denoising_layers",
     "describe",
     "fuse",
+    "fuse_conv_input_parameters",
     "fuse_conv_parameters",
     "fuse_linear_parameters",
     "is_converted",
     "set_phase",
+    "summarize_changes",
+    "weight_changes",
 ]

@@ -2,15 +2,20 @@
 
 Both classes subclass the layer they replace and *reuse its Parameter objects* for ``weight`` and
 ``bias``, so an optimiser built before conversion still updates them. The denoiser parameters are
-``denoiser_weight`` (D) and ``denoiser_bias`` (d). The fusion itself is two pure functions,
-:func:`fuse_linear_parameters` and :func:`fuse_conv_parameters`, used both by the training forward
-(differentiably, in the parameters' dtype) and by ``fuse`` (in float64, without autograd).
+``denoiser_weight`` (D) and ``denoiser_bias`` (d). The fusion itself is three pure functions,
+:func:`fuse_linear_parameters`, :func:`fuse_conv_input_parameters` and
+:func:`fuse_conv_parameters` (output side), used both by the training forward (in the parameters'
+dtype) and by ``fuse`` (in float64, without autograd).
+
+The denoisers are trained by their own, label-free loss only: the training forward builds the fused
+weights from a *detached* (D, d), so the task loss (ID, triplet) reaches W and b but never D, as in
+the paper's denoiser phase, and the noise-prediction loss is recorded with autograd on (D, d) even
+when the backbone runs under ``torch.no_grad`` (a denoiser phase needs no backbone backward).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -75,9 +80,46 @@ def fuse_conv_parameters(
     return fused_weight, c3 * bias - c1 * (mixed_bias + denoiser_bias)
 
 
-def _noise_prediction_loss(predicted: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """L1 + L2 (both mean-reduced) between the true and the predicted noise."""
-    return F.l1_loss(predicted, noise) + F.mse_loss(predicted, noise)
+def fuse_conv_input_parameters(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    denoiser_weight: torch.Tensor,
+    denoiser_bias: torch.Tensor | None,
+    c1: float,
+    c3: float,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fold an input-side, group-block-diagonal 1x1 denoiser without bias into a Conv2d (the paper's form).
+
+    ``conv(c3 x - c1 D x; W, b)``: a per-pixel channel map commutes with zero, reflect, replicate and
+    circular padding, stride, dilation and groups when it has no bias (a bias would turn the zeros
+    of the padding into ``-c1 d``), so the composition is the conv with
+    ``W'[o, i] = c3 W[o, i] - c1 sum_j W[o, j] D[g, j, i]`` over the input channels j of o's group,
+    and ``b' = b``.
+
+    Args:
+        weight: (out, in / groups, kh, kw).
+        denoiser_weight: (groups, in / groups, in / groups).
+        denoiser_bias: must be None (the input side has no d).
+    """
+    if denoiser_bias is not None:
+        raise DenoiseRepError(
+            "an input-side conv denoiser has no bias d: it would not be exact at the border"
+        )
+    groups, group_in, _ = denoiser_weight.shape
+    out, _, kh, kw = weight.shape
+    per_group = weight.reshape(groups, out // groups, group_in, kh * kw)
+    mixed = torch.einsum("gojk,gji->goik", per_group, denoiser_weight)
+    return (c3 * per_group - c1 * mixed).reshape(weight.shape), bias
+
+
+def _noise_prediction_loss(predicted: torch.Tensor, noise: torch.Tensor, feature_dim: int) -> torch.Tensor:
+    """L1 + L2 between the true and the predicted noise: summed over the feature, averaged over rows.
+
+    Summing over the feature dimension keeps the gradient on each entry of D independent of the
+    layer's width (a mean over every element would shrink it by 1/width, see DESIGN.md section 4).
+    """
+    diff = predicted - noise
+    return (diff.abs().sum(feature_dim) + diff.square().sum(feature_dim)).mean()
 
 
 class DenoisingLayer:
@@ -97,8 +139,8 @@ class DenoisingLayer:
     bias: nn.Parameter | None
     training: bool
     _loss_sum: torch.Tensor | None
-    #: The pure fusion of this layer type: (W, b, D, d, c1=, c3=) -> (W', b').
-    _fuse: ClassVar[Callable[..., tuple[torch.Tensor, torch.Tensor | None]]]
+    #: The pure fusion of this layer: (W, b, D, d, c1=, c3=) -> (W', b').
+    _fuse: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
 
     def _adopt(
         self,
@@ -140,18 +182,40 @@ class DenoisingLayer:
         return [p for p in (self.denoiser_weight, self.denoiser_bias) if p is not None]
 
     def fused_parameters(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The fused (W', b'); differentiable when ``dtype`` is None, else computed in ``dtype``, detached."""
-        tensors = (self.weight, self.bias, self.denoiser_weight, self.denoiser_bias)
+        """The fused (W', b').
+
+        With ``dtype`` None (the training forward): differentiable in W and b, with (D, d) detached so
+        that the task loss never trains the denoisers. Otherwise computed in ``dtype``, all detached.
+        """
+        denoiser = tuple(
+            None if t is None else t.detach() for t in (self.denoiser_weight, self.denoiser_bias)
+        )
+        tensors = (self.weight, self.bias, *denoiser)
         if dtype is not None:
             tensors = tuple(None if t is None else t.detach().to(dtype) for t in tensors)
         return self._fuse(*tensors, c1=self.step.c1, c3=self.step.c3)
 
-    def _records_loss(self) -> bool:
-        # Only when the denoiser is being trained: in the backbone phase the loss would be a constant
-        # that costs an extra matmul (Linear) or an extra conv (Conv2d) per layer for nothing.
-        return torch.is_grad_enabled() and self.denoiser_weight.requires_grad
+    def weight_change(self) -> float:
+        """``||W' - W|| / ||W||`` in float64: how much the fused step changes this layer's weight."""
+        fused, _ = self.fused_parameters(torch.float64)
+        weight = self.weight.detach().to(torch.float64)
+        return float((fused - weight).norm() / weight.norm().clamp_min(1e-300))
 
-    def _record(self, loss: torch.Tensor) -> None:
+    def _records_loss(self) -> bool:
+        # Only while the denoiser trains (denoiser and joint phases, label-free stage); in a backbone
+        # phase the loss would be a constant that costs an extra product per layer for nothing.
+        return self.training and self.denoiser_weight.requires_grad
+
+    def _record_noise_loss(self, clean: torch.Tensor, feature_dim: int) -> None:
+        """Record the noise-prediction loss on the detached feature ``clean`` (label-free).
+
+        Autograd is switched on here, for (D, d) only: the backbone may run under ``torch.no_grad``.
+        """
+        with torch.enable_grad():
+            clean = clean.detach()
+            noise = torch.randn_like(clean)
+            noised = self.step.sqrt_abar * clean + self.step.sqrt_one_minus_abar * noise
+            loss = _noise_prediction_loss(self.predict_noise(noised), noise, feature_dim)
         self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
 
     def pop_loss(self) -> torch.Tensor | None:
@@ -159,27 +223,17 @@ class DenoisingLayer:
         loss, self._loss_sum = self._loss_sum, None
         return loss
 
-    def step_matrix(self) -> torch.Tensor:
-        """``c3 I - c1 D`` (per group for convs): the linear part of the reverse step as one matrix.
+    def predict_noise(self, x: torch.Tensor) -> torch.Tensor:
+        """``D x + d`` on the feature the denoiser reads."""
+        raise NotImplementedError
 
-        The eval forward applies the step as ``(c3 I - c1 D) y - c1 d``: one GEMM (or grouped 1x1 conv)
-        with a bias epilogue and no elementwise passes over the features, so the benchmark's
-        unfused/fused ratio measures the denoiser's inherent cost. (Measured on an H200 in fp16:
-        ``addmm(x, x, D^T, beta=c3, alpha=-c1)`` plus a bias add was 15-20% slower for ViTs; building
-        the n x n matrix per forward is negligible there, though visible on a CPU at small batch.)
+    def denoise(self, x: torch.Tensor) -> torch.Tensor:
+        """One posterior-mean reverse step ``c3 x - c1 (D x + d)``, in the residual form.
+
+        Written ``x - c1 (D x + d) + (c3 - 1) x``: the correction is a small difference from x, and a
+        step matrix ``c3 I - c1 D`` would round its diagonal to {0.996, 1.0} in bf16 and lose it.
         """
-        size = self.denoiser_weight.shape[-1]
-        eye = torch.eye(size, device=self.denoiser_weight.device, dtype=self.denoiser_weight.dtype)
-        return self.step.c3 * eye - self.step.c1 * self.denoiser_weight
-
-    def step_bias(self) -> torch.Tensor | None:
-        """``-c1 d``, or None for a layer without d."""
-        return None if self.denoiser_bias is None else -self.step.c1 * self.denoiser_bias
-
-    def _noised(self, clean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x_t, eps) with x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps; eps from torch's global RNG."""
-        noise = torch.randn_like(clean)
-        return self.step.sqrt_abar * clean + self.step.sqrt_one_minus_abar * noise, noise
+        return x - self.step.c1 * self.predict_noise(x) + (self.step.c3 - 1.0) * x
 
     def plain_layer(self) -> nn.Module:
         """A new layer of the original class holding the fused weights (float64 maths, original dtype)."""
@@ -201,9 +255,9 @@ class DenoisingLayer:
 class DenoisingLinear(DenoisingLayer, nn.Linear):
     """A Linear layer with an input-side denoiser ``eps(x) = D x + d``; D is (in, in).
 
-    Eval forward (the explicit, unfused maths): ``W (c3 x - c1 (D x + d)) + b``. Train forward: the
-    Linear with fused parameters computed differentiably, recording the noise-prediction loss on
-    the detached input. Works on any input whose last dimension is the feature (2-D, 3-D tokens...).
+    Eval forward (the explicit, unfused maths): ``W denoise(x) + b``. Train forward: the Linear with
+    fused parameters, recording the noise-prediction loss on the detached input while D trains.
+    Works on any input whose last dimension is the feature (2-D, 3-D tokens...).
     """
 
     _fuse = staticmethod(fuse_linear_parameters)
@@ -214,17 +268,14 @@ class DenoisingLinear(DenoisingLayer, nn.Linear):
         n = self.in_features
         self._adopt(source, step, settings, (n, n), None if source.bias is None else (n,))
 
-    def denoise(self, x: torch.Tensor) -> torch.Tensor:
-        """One posterior-mean reverse step on the layer input: ``c3 x - c1 (D x + d)``."""
-        return F.linear(x, self.step_matrix(), self.step_bias())
+    def predict_noise(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.denoiser_weight, self.denoiser_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return F.linear(self.denoise(x), self.weight, self.bias)
         if self._records_loss():
-            noised, noise = self._noised(x.detach())
-            predicted = F.linear(noised, self.denoiser_weight, self.denoiser_bias)
-            self._record(_noise_prediction_loss(predicted, noise))
+            self._record_noise_loss(x, -1)
         weight, bias = self.fused_parameters()
         return F.linear(x, weight, bias)
 
@@ -234,18 +285,30 @@ class DenoisingLinear(DenoisingLayer, nn.Linear):
         return _fill(plain, self, weight, bias)
 
 
-class DenoisingConv2d(DenoisingLayer, nn.Conv2d):
-    """A Conv2d with an output-side 1x1 denoiser, block-diagonal by group; D is (groups, out/g, out/g).
+CONV_SIDES = ("input", "output")
 
-    Eval forward (the explicit, unfused maths): ``y = conv(x); c3 y - c1 (D y + d)``. Train forward: the
-    conv with fused parameters computed differentiably, recording the noise-prediction loss on the
-    detached conv output. The denoiser sits on the output because denoising the *input* of a padded
-    k x k conv is not a k x k conv at the border, while a 1x1 map after a conv always composes into it.
+
+class DenoisingConv2d(DenoisingLayer, nn.Conv2d):
+    """A Conv2d with a 1x1 denoiser, block-diagonal by group, on its input (default) or its output.
+
+    ``side="input"`` (the paper's form): D is (groups, in/g, in/g), no d, and the layer computes
+    ``conv(denoise(x))``; exact for every padding mode, stride, dilation and group count because the
+    step has no bias, and it changes the *direction* of each output channel's kernel, which a
+    BatchNorm after the conv keeps. ``side="output"``: D is (groups, out/g, out/g) with a d when the
+    conv has a bias, ``denoise(conv(x))``; a train-mode BatchNorm right after it cancels c3 and the
+    diagonal of D (only cross-channel mixing survives), so it is an explicit option only.
+
+    Train forward: the conv with fused parameters, recording the noise-prediction loss on the
+    detached input (input side) or on the clean conv output, recomputed without autograd (output side).
     """
 
-    _fuse = staticmethod(fuse_conv_parameters)
-
-    def __init__(self, source: nn.Conv2d, step: StepCoefficients, settings: dict) -> None:
+    def __init__(
+        self, source: nn.Conv2d, step: StepCoefficients, settings: dict, side: str = "input"
+    ) -> None:
+        if side not in CONV_SIDES:
+            raise DenoiseRepError(
+                f"unknown conv side {side!r}: use one of {', '.join(map(repr, CONV_SIDES))}"
+            )
         super().__init__(
             source.in_channels,
             source.out_channels,
@@ -258,30 +321,39 @@ class DenoisingConv2d(DenoisingLayer, nn.Conv2d):
             padding_mode=source.padding_mode,
             device="meta",
         )
-        group_out = self.out_channels // self.groups
-        bias_shape = None if source.bias is None else (self.out_channels,)
-        self._adopt(source, step, settings, (self.groups, group_out, group_out), bias_shape)
+        self.side = side
+        if side == "input":
+            group_in = self.in_channels // self.groups
+            self._adopt(source, step, settings, (self.groups, group_in, group_in), None)
+        else:
+            group_out = self.out_channels // self.groups
+            bias_shape = None if source.bias is None else (self.out_channels,)
+            self._adopt(source, step, settings, (self.groups, group_out, group_out), bias_shape)
 
-    def predict_noise(self, y: torch.Tensor) -> torch.Tensor:
-        """``D y + d`` on a conv output, as a grouped 1x1 conv."""
-        kernel = self.denoiser_weight.reshape(self.out_channels, -1, 1, 1)
-        return F.conv2d(y, kernel, self.denoiser_bias, groups=self.groups)
+    def _fuse(
+        self, *tensors: torch.Tensor | None, c1: float, c3: float
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        fuse = fuse_conv_input_parameters if self.side == "input" else fuse_conv_parameters
+        return fuse(*tensors, c1=c1, c3=c3)  # type: ignore[arg-type]
 
-    def denoise(self, y: torch.Tensor) -> torch.Tensor:
-        """One posterior-mean reverse step on the conv output: ``c3 y - c1 (D y + d)``."""
-        kernel = self.step_matrix().reshape(self.out_channels, -1, 1, 1)
-        return F.conv2d(y, kernel, self.step_bias(), groups=self.groups)
+    def predict_noise(self, x: torch.Tensor) -> torch.Tensor:
+        """``D x + d`` per pixel, as a grouped 1x1 conv over the channels the denoiser reads."""
+        kernel = self.denoiser_weight.reshape(-1, self.denoiser_weight.shape[-1], 1, 1)
+        return F.conv2d(x, kernel, self.denoiser_bias, groups=self.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
+            if self.side == "input":
+                return self._conv_forward(self.denoise(x), self.weight, self.bias)
             return self.denoise(self._conv_forward(x, self.weight, self.bias))
         if self._records_loss():
-            # The training signal lives on the clean conv output, which the fused forward never forms:
-            # compute it once more without autograd (it is detached by definition).
-            with torch.no_grad():
-                clean = self._conv_forward(x, self.weight, self.bias)
-            noised, noise = self._noised(clean)
-            self._record(_noise_prediction_loss(self.predict_noise(noised), noise))
+            if self.side == "input":
+                self._record_noise_loss(x, 1)
+            else:
+                # The signal lives on the clean conv output, which the fused forward never forms.
+                with torch.no_grad():
+                    clean = self._conv_forward(x, self.weight, self.bias)
+                self._record_noise_loss(clean, 1)
         weight, bias = self.fused_parameters()
         return self._conv_forward(x, weight, bias)
 
@@ -300,6 +372,9 @@ class DenoisingConv2d(DenoisingLayer, nn.Conv2d):
             device="meta",
         )
         return _fill(plain, self, weight, bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, side={self.side}"
 
 
 def _fill(

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .errors import DenoiseRepError
-from .layers import DenoisingConv2d, DenoisingLayer, DenoisingLinear
+from .layers import CONV_SIDES, DenoisingConv2d, DenoisingLayer, DenoisingLinear
 from .schedule import SCHEDULES, DiffusionSchedule, depth_timesteps, reference_timesteps
 from .selection import LayerPredicate, nothing_matched_message, select_layers
 
@@ -42,10 +42,11 @@ def _require_layers(model: nn.Module, action: str) -> list[tuple[str, Any]]:
 def convert(
     model: nn.Module,
     *,
-    layers: str | LayerPredicate = "mlp",
+    layers: str | LayerPredicate = "auto",
     schedule: str = "depth",
     timesteps: int = 1000,
     beta: tuple[float, float] = (1e-4, 2e-3),
+    conv_side: str = "input",
 ) -> nn.Module:
     """Replace the chosen layers of ``model`` in place by denoising layers, and return ``model``.
 
@@ -53,11 +54,13 @@ def convert(
 
     Args:
         model: a timm model (or any nn.Module) that was not converted before.
-        layers: "mlp", "linear", "conv" or a predicate(name, module) -> bool (see the package docstring).
+        layers: "auto", "mlp", "linear", "conv" or a predicate(name, module) -> bool (see the package
+            docstring).
         schedule: "depth" (shallowest layer t = n, deepest t = 1) or "reference" (every MLP block gets
-            the pair (2B, 2B-1) like the public code; only with layers="mlp").
+            the public code's 0-based pair (2B, 2B-1); only when the layers are the MLP linears).
         timesteps: T, the length of the linear beta schedule.
-        beta: (beta_1, beta_T).
+        beta: (beta_1, beta_T); beta_T is the strength knob (a larger one, a larger fused change).
+        conv_side: "input" (the paper's form, exact without d, survives BatchNorm) or "output".
 
     Returns:
         ``model`` itself, converted.
@@ -73,10 +76,16 @@ def convert(
         )
     if schedule not in SCHEDULES:
         raise DenoiseRepError(f"unknown schedule={schedule!r}: use one of {', '.join(map(repr, SCHEDULES))}")
-    if schedule == "reference" and layers != "mlp":
+    if schedule == "reference" and not (
+        layers == "mlp" or (layers == "auto" and select_layers(model, "mlp", warn_skipped=False))
+    ):
         raise DenoiseRepError(
             "schedule='reference' reproduces the public code's per-block (fc1, fc2) timesteps and is only "
-            f"defined for layers='mlp', not layers={layers!r}; use schedule='depth'"
+            f"defined for the MLP linears (layers='mlp'), not layers={layers!r}; use schedule='depth'"
+        )
+    if conv_side not in CONV_SIDES:
+        raise DenoiseRepError(
+            f"unknown conv_side={conv_side!r}: use one of {', '.join(map(repr, CONV_SIDES))}"
         )
     try:
         beta_pair = tuple(float(b) for b in beta)
@@ -100,10 +109,14 @@ def convert(
         "schedule": schedule,
         "timesteps": diffusion.timesteps,
         "beta": list(diffusion.beta),
+        "conv_side": conv_side,
     }
     for chosen, t in zip(selected, steps, strict=True):
-        cls = DenoisingLinear if isinstance(chosen.module, nn.Linear) else DenoisingConv2d
-        layer = cls(chosen.module, diffusion.step(t), settings)  # type: ignore[arg-type]
+        layer: DenoisingLayer
+        if isinstance(chosen.module, nn.Linear):
+            layer = DenoisingLinear(chosen.module, diffusion.step(t), settings)
+        else:
+            layer = DenoisingConv2d(chosen.module, diffusion.step(t), settings, side=conv_side)  # type: ignore[arg-type]
         parent = model.get_submodule(chosen.parent)
         # Assigning to an existing child name keeps its slot in _modules, so registration (forward)
         # order, and with it the order of denoising_layers(), is unchanged.
@@ -217,8 +230,10 @@ def describe(model: nn.Module) -> dict[str, Any]:
     """The DenoiseRep settings of a converted model as a JSON-able dict (saved in model.json).
 
     Returns:
-        ``{"layers", "schedule", "timesteps", "beta", "num_layers", "per_layer": [{"name", "kind",
-        "t"}, ...]}`` with ``layers`` the spec name ("predicate:<qualname>" for a callable).
+        ``{"layers", "schedule", "timesteps", "beta", "conv_side", "num_layers", "weight_change":
+        {"mean", "max"}, "per_layer": [{"name", "kind", "t", "weight_change"}, ...]}`` with ``layers``
+        the spec name ("predicate:<qualname>" for a callable) and ``weight_change`` the layer's
+        ``||W' - W|| / ||W||``: an all-zero column means DenoiseRep changed nothing.
 
     Raises:
         DenoiseRepError: ``model`` was never converted, or its layers come from different ``convert``
@@ -232,11 +247,29 @@ def describe(model: nn.Module) -> dict[str, Any]:
                 f"{name!r} was converted with {layer.settings}, {layers[0][0]!r} with {settings}: "
                 "describe each converted submodule separately"
             )
+    changes = weight_changes(model)
     return {
         **copy.deepcopy(settings),
         "num_layers": len(layers),
+        "weight_change": summarize_changes(changes),
         "per_layer": [
-            {"name": name, "kind": "linear" if isinstance(layer, nn.Linear) else "conv2d", "t": layer.step.t}
+            {
+                "name": name,
+                "kind": "linear" if isinstance(layer, nn.Linear) else "conv2d",
+                "t": layer.step.t,
+                "weight_change": changes[name],
+            }
             for name, layer in layers
         ],
     }
+
+
+def weight_changes(model: nn.Module) -> dict[str, float]:
+    """``||W' - W|| / ||W||`` of every denoising layer, by qualified name (float64)."""
+    return {name: layer.weight_change() for name, layer in _require_layers(model, "weight_changes")}
+
+
+def summarize_changes(changes: dict[str, float]) -> dict[str, float]:
+    """Mean and max of per-layer weight changes, for logs and ``model.json``."""
+    values = list(changes.values())
+    return {"mean": sum(values) / max(len(values), 1), "max": max(values, default=0.0)}

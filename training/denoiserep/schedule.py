@@ -94,15 +94,18 @@ def depth_timesteps(num_layers: int, timesteps: int) -> list[int]:
 
 
 def reference_timesteps(blocks: Sequence[str], timesteps: int) -> list[int]:
-    """The public code's assignment: every block gets the same pair (2B, 2B-1).
+    """The public code's assignment: every block gets the same pair, 0-based (2B, 2B-1).
+
+    The public code indexes its schedule from 0, so its fc1 "t = 2B" is our 1-based step 2B + 1 (for
+    a 12-block ViT: sqrt(1 - abar) = 0.0554 and c1 = 2.631e-3) and its fc2 is our step 2B.
 
     Args:
         blocks: for each converted layer in forward order, the name of the MLP block holding it.
             Every block must hold exactly two converted layers (fc1 then fc2).
-        timesteps: T; 2B must not exceed it.
+        timesteps: T; 2B + 1 must not exceed it.
 
     Returns:
-        One timestep per layer: 2B for the first layer of each block, 2B-1 for the second.
+        One 1-based timestep per layer: 2B + 1 for the first layer of each block, 2B for the second.
     """
     counts: dict[str, int] = {}
     for block in blocks:
@@ -114,10 +117,10 @@ def reference_timesteps(blocks: Sequence[str], timesteps: int) -> list[int]:
             f"schedule='reference' reproduces the public code's (fc1, fc2) pairs and needs exactly two "
             f"converted Linear layers per MLP block, but block {block!r} has {n}; use schedule='depth'"
         )
-    top = 2 * len(counts)
+    top = 2 * len(counts) + 1
     if top > timesteps:
         raise DenoiseRepError(
-            f"schedule='reference' gives every block the timesteps ({top}, {top - 1}) but "
+            f"schedule='reference' gives every block the 1-based timesteps ({top}, {top - 1}) but "
             f"timesteps={timesteps}; pass timesteps >= {top}"
         )
     seen: set[str] = set()

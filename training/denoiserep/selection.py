@@ -18,7 +18,7 @@ from .errors import DenoiseRepError
 logger = logging.getLogger(__name__)
 
 LayerPredicate = Callable[[str, nn.Module], bool]
-LAYER_SPECS = ("mlp", "linear", "conv")
+LAYER_SPECS = ("auto", "mlp", "linear", "conv")
 
 # Top-level names timm and torchvision give a classifier (timm: head, head_dist, fc, classifier,
 # last_linear). Everything under them counts as the classifier head.
@@ -74,16 +74,22 @@ def _classifier_ids(model: nn.Module) -> set[int]:
 
 
 def select_layers(
-    model: nn.Module, layers: str | LayerPredicate, *, warn_skipped: bool = True
+    model: nn.Module,
+    layers: str | LayerPredicate,
+    *,
+    warn_skipped: bool = True,
+    keep: Callable[[nn.Module], bool] | None = None,
 ) -> list[SelectedLayer]:
     """The layers that ``layers`` picks in ``model``, in registration (forward) order.
 
     Args:
         model: any nn.Module; timm models get their classifier head excluded by the string specs.
-        layers: "mlp" (every Linear directly inside an MLP block), "linear" (every Linear outside the
-            classifier head), "conv" (every Conv2d outside the classifier head), or a predicate on
-            (qualified name, module).
+        layers: "auto" ("mlp" for a model with transformer MLP blocks, else every Conv2d outside the
+            head that is not depthwise), "mlp" (every Linear directly inside an MLP block), "linear"
+            (every Linear outside the classifier head), "conv" (every Conv2d outside the classifier
+            head), or a predicate on (qualified name, module).
         warn_skipped: log a warning naming the layers a string spec matched but cannot convert.
+        keep: a further filter on the modules a string spec picks.
 
     Raises:
         DenoiseRepError: unknown spec, or a predicate picking a layer that cannot be converted.
@@ -92,6 +98,13 @@ def select_layers(
         raise DenoiseRepError(
             f"unknown layers={layers!r}: use one of {', '.join(map(repr, LAYER_SPECS))} "
             "or a callable predicate(name, module) -> bool"
+        )
+    if layers == "auto":
+        if select_layers(model, "mlp", warn_skipped=False):
+            return select_layers(model, "mlp", warn_skipped=warn_skipped)
+        # A depthwise conv's denoiser is one scale per channel, which the norm after it cancels.
+        return select_layers(
+            model, "conv", warn_skipped=warn_skipped, keep=lambda m: m.in_channels // m.groups > 1
         )
     classifier = _classifier_ids(model)
     modules = dict(model.named_modules())
@@ -119,6 +132,8 @@ def select_layers(
                 wanted = isinstance(module, nn.Conv2d)
             if not wanted or id(module) in classifier or name.split(".", 1)[0] in _CLASSIFIER_NAMES:
                 continue
+            if keep is not None and not keep(module):
+                continue
             if isinstance(modules[parent], nn.MultiheadAttention) or not is_convertible(module):
                 skipped.append(f"{name} ({type(module).__name__})")
                 continue
@@ -137,7 +152,9 @@ def nothing_matched_message(model: nn.Module, layers: str | LayerPredicate) -> s
     """An error message for a spec that matched no layer, suggesting the specs that would match."""
     spec = getattr(layers, "__qualname__", repr(layers)) if callable(layers) else repr(layers)
     alternatives = [
-        other for other in LAYER_SPECS if other != layers and select_layers(model, other, warn_skipped=False)
+        other
+        for other in LAYER_SPECS
+        if other not in (layers, "auto") and select_layers(model, other, warn_skipped=False)
     ]
     if alternatives:
         advice = f"use layers={alternatives[0]!r}"
