@@ -202,6 +202,8 @@ def convert_backbone(backbone: nn.Module, settings: Mapping[str, Any]) -> None:
         schedule=settings["schedule"],
         timesteps=int(settings["timesteps"]),
         beta=tuple(settings["beta"]),
+        # Checkpoints written before the input-side conv form had their denoisers on the output.
+        conv_side=settings.get("conv_side", "output"),
     )
 
 

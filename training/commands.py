@@ -1,4 +1,4 @@
-"""`reid train`, `reid export`, `reid export-onnx`, `reid evaluate`.
+"""`reid train`, `reid calibrate`, `reid export`, `reid export-onnx`, `reid evaluate`.
 
 Each command turns the foreseeable mistakes (a missing dataset folder, an unknown backbone, a
 checkpoint of another architecture, pretrained weights that do not fit ...) into one ``error:`` line
@@ -109,7 +109,9 @@ def train_command(
     dataset: Annotated[str | None, typer.Option(help="Dataset name (market1501, vehicleid, ...).")] = None,
     root: Annotated[Path | None, typer.Option(help="Dataset folder in its published layout.")] = None,
     backbone: Annotated[str | None, typer.Option(help="timm model name.")] = None,
-    stage: Annotated[str | None, typer.Option(help="baseline, denoiserep or label-free.")] = None,
+    stage: Annotated[
+        str | None, typer.Option(help="baseline, denoiserep (alternating phases) or label-free.")
+    ] = None,
     init: Annotated[
         str | None, typer.Option(help="Run directory or checkpoint to start from (DenoiseRep stages).")
     ] = None,
@@ -122,7 +124,23 @@ def train_command(
         list[str] | None, typer.Option("--set", help="Config override key=value (repeatable).")
     ] = None,
 ) -> None:
-    """Train one stage: baseline, denoiserep (alternating phases) or label-free DenoiseRep."""
+    """Train one stage: baseline, denoiserep (alternating phases) or label-free DenoiseRep.
+
+    baseline: the bag-of-tricks recipe (ID + triplet, PK batches).
+
+    denoiserep (needs --init, a baseline run): alternates a label-free
+    denoiser phase (only the denoisers train, on their denoising loss; the
+    backbone runs without gradients; no label is read) with a backbone phase
+    (ID + triplet through the fused weights; denoisers frozen).
+
+    label-free: the denoiser phase alone.
+
+    Layers: denoiserep.layers (auto). Strength: denoiserep.beta (beta_T).
+    Each epoch logs the fused weight change ||W' - W|| / ||W||.
+
+    Calibration: for the exact optimum in one pass over unlabelled crops,
+    export the model and run `reid calibrate`.
+    """
     with friendly_errors():
         from training.config import STAGES, ConfigError, apply_overrides, config_from_dict, read_config_data
         from training.engine import train
@@ -302,8 +320,51 @@ def evaluate_command(
         typer.echo(json.dumps(result) if as_json else format_table(result))
 
 
+def calibrate_command(
+    model: Annotated[Path, typer.Argument(help="An exported model directory (`reid export`).")],
+    images: Annotated[Path, typer.Option(help="A folder of unlabelled crops (searched recursively).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Model directory to write.")],
+    layers: Annotated[str, typer.Option(help="auto, mlp, linear or conv [default: auto].")] = "auto",
+    beta_t: Annotated[
+        float, typer.Option(help="The schedule's last beta: the strength knob [default: 0.002].")
+    ] = 2e-3,
+    conv_side: Annotated[str, typer.Option(help="input or output [default: input].")] = "input",
+    max_images: Annotated[int, typer.Option(help="Images used at most [default: 2000].")] = 2000,
+    batch_size: Annotated[int, typer.Option(help="Images per forward [default: 32].")] = 32,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out.")] = False,
+) -> None:
+    """DenoiseRep in closed form: set every denoiser to its exact optimum on unlabelled images, fuse, export.
+
+    One pass, no labels, no gradients: the point the label-free stage's SGD converges to.
+    """
+    with friendly_errors():
+        from training.calibration import calibrate_model
+        from training.denoiserep import DenoiseRepError
+
+        if not 1e-4 <= beta_t < 1:
+            raise DenoiseRepError(f"--beta-t must lie in [1e-4, 1), got {beta_t}")
+        report = calibrate_model(
+            model,
+            images,
+            out,
+            layers=layers,
+            beta=(1e-4, beta_t),
+            conv_side=conv_side,
+            max_images=max_images,
+            batch_size=batch_size,
+            overwrite=overwrite,
+        )
+        change = report.weight_change
+        typer.echo(
+            f"calibrated on {report.images} images ({report.skipped} unreadable skipped); "
+            f"||W' - W|| / ||W||: mean {change['mean']:.3g}, max {change['max']:.3g}; "
+            f"wrote {report.model_dir}"
+        )
+
+
 def register(app: typer.Typer) -> None:
     app.command("train")(train_command)
+    app.command("calibrate")(calibrate_command)
     app.command("export")(export_command)
     app.command("export-onnx")(export_onnx_command)
     app.command("evaluate")(evaluate_command)

@@ -6,12 +6,18 @@ Stages (``train.stage``):
   batch-hard triplet on the pooled feature) from random or pretrained weights, or continuing from
   ``train.init``.
 * ``denoiserep``: starts from a trained checkpoint (``train.init``), converts the backbone with
-  :func:`training.denoiserep.convert` and fine-tunes with ``task loss + denoise_weight * denoising
-  loss``, alternating denoiser-only and backbone-only phases (or ``joint``). A phase switch only flips
-  ``requires_grad``, so one optimiser serves the whole stage; frozen BatchNorm layers run in eval
+  :func:`training.denoiserep.convert` and alternates two phases, as in the paper: a **denoiser
+  phase** (only D and d train, on the label-free denoising loss alone; the backbone runs under
+  ``no_grad``, no label is read, only the denoisers' own Adam optimiser steps) and a **backbone
+  phase** (the task loss through the fused weights; the denoisers are frozen). ``mode: joint``
+  trains both at once, still with the denoisers fed only by their own loss (the fused weights use a
+  detached D). A phase switch only flips ``requires_grad``; frozen BatchNorm layers run in eval
   mode so a frozen phase does not move their running statistics either.
-* ``label-free``: only the denoisers train, with only the denoising loss, on shuffled batches: no
-  identity label is read (DenoiseRep's label-free adaptation to an unlabelled camera network).
+* ``label-free``: the denoiser phase alone (DenoiseRep's label-free adaptation to an unlabelled
+  camera network). ``reid calibrate`` reaches the optimum that phase converges to in one pass.
+
+Each epoch's record carries the fused weight change ``||W' - W|| / ||W||`` (mean and max over the
+converted layers), so an empty DenoiseRep is visible in the log.
 
 Evaluation runs every ``eval.every`` epochs on the *fused* model (what the export will contain),
 on rank 0. After every epoch ``last.pt`` is written atomically (``best.pt`` when mAP improved), so
@@ -168,8 +174,12 @@ def phase_for_epoch(config: Config, epoch: int) -> str | None:
 # ----------------------------------------------------------------------------- model construction
 
 
-def _param_groups(model: ReIDModel, lr: float, denoiser_lr: float, weight_decay: float) -> list[dict]:
-    """Decay / no-decay (biases, norms) x backbone-and-head / denoiser parameter groups."""
+def _param_groups(model: ReIDModel, lr: float, weight_decay: float) -> list[dict]:
+    """Decay / no-decay (biases, norms) groups of the backbone and head, without the denoisers.
+
+    The denoisers have their own optimiser (:func:`_denoiser_optimizer`): weight decay on D, at
+    the task's learning rate, keeps it at a few percent of its optimum (DESIGN.md section 4).
+    """
     from training import denoiserep
 
     denoisers = (
@@ -177,24 +187,39 @@ def _param_groups(model: ReIDModel, lr: float, denoiser_lr: float, weight_decay:
         if denoiserep.is_converted(model.backbone)
         else set()
     )
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    groups: dict[bool, list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
-        if name == "bnneck.bias":  # frozen at zero for the whole run (bag of tricks)
+        if name == "bnneck.bias" or id(param) in denoisers:  # bnneck.bias: frozen at zero (bag of tricks)
             continue
-        is_denoiser = id(param) in denoisers
-        no_decay = param.ndim <= 1
-        groups.setdefault((is_denoiser, no_decay), []).append(param)
-    out = []
-    for (is_denoiser, no_decay), params in sorted(groups.items()):
-        out.append(
-            {
-                "params": params,
-                "lr": denoiser_lr if is_denoiser else lr,
-                "weight_decay": 0.0 if no_decay else weight_decay,
-                "name": ("denoiser" if is_denoiser else "backbone") + ("_no_decay" if no_decay else ""),
-            }
-        )
-    return out
+        groups.setdefault(param.ndim <= 1, []).append(param)
+    return [
+        {
+            "params": params,
+            "lr": lr,
+            "weight_decay": 0.0 if no_decay else weight_decay,
+            "name": "backbone" + ("_no_decay" if no_decay else ""),
+        }
+        for no_decay, params in sorted(groups.items())
+    ]
+
+
+def _denoiser_optimizer(model: ReIDModel, lr: float) -> torch.optim.Optimizer | None:
+    """Adam without weight decay over the denoisers (D, d); None for an unconverted model."""
+    from training import denoiserep
+
+    if not denoiserep.is_converted(model.backbone):
+        return None
+    return torch.optim.Adam(denoiserep.denoiser_parameters(model.backbone), lr=lr)
+
+
+def _average_gradients(params: list[nn.Parameter], world_size: int) -> None:
+    """All-reduce (mean) the gradients of ``params`` across the processes (what DDP would do)."""
+    import torch.distributed as dist
+
+    for param in params:
+        if param.grad is not None:
+            dist.all_reduce(param.grad)
+            param.grad /= world_size
 
 
 def _freeze_frozen_batchnorm(model: nn.Module) -> None:
@@ -338,6 +363,7 @@ class Trainer:
             "schedule": dr.schedule,
             "timesteps": dr.timesteps,
             "beta": list(dr.beta),
+            "conv_side": dr.conv_side,
         }
         convert_backbone(model.backbone, settings)
         return settings
@@ -414,8 +440,8 @@ class Trainer:
         self.steps_per_epoch = steps
 
         lr = cfg.optim.lr if cfg.train.stage == "baseline" or cfg.denoiserep.lr is None else cfg.denoiserep.lr
-        denoiser_lr = cfg.denoiserep.denoiser_lr if cfg.denoiserep.denoiser_lr is not None else lr
-        optimizer = self._optimizer(_param_groups(model, lr, denoiser_lr, cfg.optim.weight_decay))
+        optimizer = self._optimizer(_param_groups(model, lr, cfg.optim.weight_decay))
+        denoiser_optimizer = _denoiser_optimizer(model, cfg.denoiserep.denoiser_lr)
         warmup = cfg.optim.warmup_epochs if cfg.train.stage == "baseline" else cfg.denoiserep.warmup_epochs
         schedule = LRSchedule(
             optimizer,
@@ -443,6 +469,13 @@ class Trainer:
         self.skipped: set[str] = set()
         if resume is not None:
             optimizer.load_state_dict(resume["optimizer"])
+            if denoiser_optimizer is not None:
+                if not resume.get("denoiser_optimizer"):
+                    raise TrainingError(
+                        f"{resume_path} was written by an older version without the denoiser optimiser; "
+                        "start the stage again in a new --out directory"
+                    )
+                denoiser_optimizer.load_state_dict(resume["denoiser_optimizer"])
             schedule.load_state_dict(resume["scheduler"])
             if resume.get("scaler"):
                 scaler.load_state_dict(resume["scaler"])
@@ -455,6 +488,7 @@ class Trainer:
                 "resuming %s at epoch %d/%d from %s", cfg.train.stage, start_epoch, stage_epochs, resume_path
             )
         self.optimizer, self.schedule, self.scaler = optimizer, schedule, scaler
+        self.denoiser_optimizer = denoiser_optimizer
 
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -619,20 +653,30 @@ class Trainer:
             disable=None if self.dist.is_main else True,
             leave=False,
         )
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        # A denoiser phase (and the label-free stage) trains only D and d, on their own loss: the
+        # backbone runs under no_grad, no label is read, only the denoiser optimiser steps.
+        denoiser_only = label_free or phase == "denoiser"
+        optimizers = [] if denoiser_only else [self.optimizer]
+        if phase in ("denoiser", "joint"):
+            optimizers.append(self.denoiser_optimizer)
+        params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
         for step, batch in enumerate(_take(loader, steps_this_epoch)):
             self.schedule.step(epoch + step / steps_this_epoch)
             x = batch["image"].to(device, non_blocking=True)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             self.skipped.update(p for p in batch["skipped"] if p)
+            task = None
             with self._autocast():
-                logits, feat, _ = model(x)
-                if label_free:
-                    task = None
+                if denoiser_only:
+                    # The unwrapped model: DDP would prepare a backward that never comes (the
+                    # gradients are averaged by hand below).
+                    with torch.no_grad():
+                        inner(x)
                     loss = denoiserep.denoise_loss(inner.backbone)
                     d_loss = loss.detach()
                 else:
+                    logits, feat, _ = model(x)
                     labels = batch["label"].to(device, non_blocking=True)
                     task = self.loss_fn(logits, feat, labels)
                     loss = task.total
@@ -649,12 +693,17 @@ class Trainer:
                     f"loss became {loss_value} at epoch {epoch + 1} step {step + 1}; lower optim.lr or "
                     "enable optim.grad_clip"
                 )
-            self.optimizer.zero_grad(set_to_none=True)
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
+            if denoiser_only and self.dist.enabled:
+                _average_gradients(params, self.dist.world_size)
             if cfg.optim.grad_clip:
-                self.scaler.unscale_(self.optimizer)
+                for opt in optimizers:
+                    self.scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.optim.grad_clip)
-            self.scaler.step(self.optimizer)
+            for opt in optimizers:
+                self.scaler.step(opt)
             self.scaler.update()
             n = x.shape[0]
             images += n
@@ -690,9 +739,15 @@ class Trainer:
             "skipped_images": len(self.skipped),
             "_steps": steps,
         }
-        if label_free:
+        if denoiser_only:
+            # No label was read: there is no task loss or accuracy to report for this epoch.
             for key in ("id_loss", "triplet_loss", "accuracy"):
                 record.pop(key)
+        if denoising:
+            changes = denoiserep.weight_changes(inner.backbone)
+            summary = denoiserep.summarize_changes(changes)
+            record["weight_change_mean"] = summary["mean"]
+            record["weight_change_max"] = summary["max"]
         return record
 
     def _reduce(self, means: dict[str, float], images: int) -> tuple[dict[str, float], int]:
@@ -822,6 +877,9 @@ class Trainer:
             },
             "denoiserep": self.dr_settings,
             "optimizer": self.optimizer.state_dict(),
+            "denoiser_optimizer": (
+                self.denoiser_optimizer.state_dict() if self.denoiser_optimizer is not None else None
+            ),
             "scheduler": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "rng_per_rank": rng_states,

@@ -61,9 +61,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Version 2 adds the optional ``onnx`` section; version 1 directories have none and still load.
-FORMAT_VERSION = 2
-READABLE_FORMAT_VERSIONS = (1, 2)
+#: Version 2 adds the optional ``onnx`` section; version 3 adds DenoiseRep's ``conv_side`` and the
+#: fused weight change (``weight_change``, overall and per layer). Older directories still load.
+FORMAT_VERSION = 3
+READABLE_FORMAT_VERSIONS = (1, 2, 3)
 WEIGHTS_NAME = "model.safetensors"
 JSON_NAME = "model.json"
 KINDS = ("person", "vehicle")
@@ -425,7 +426,7 @@ def _read_meta(model_dir: Path) -> dict[str, Any]:
             if type(version) is int and version > FORMAT_VERSION
             else "re-export the model with `reid export`"
         )
-        readable = " and ".join(str(v) for v in READABLE_FORMAT_VERSIONS)
+        readable = ", ".join(str(v) for v in READABLE_FORMAT_VERSIONS)
         raise ModelFormatError(
             f"{json_path} has format_version {version!r}, this loader reads versions {readable}; {hint}"
         )

@@ -15,7 +15,9 @@ import torch
 
 from training.denoiserep import (
     DenoiseRepError,
+    backbone_parameters,
     convert,
+    denoise_loss,
     denoiser_parameters,
     denoising_layers,
     describe,
@@ -160,13 +162,17 @@ def test_reference_schedule_gives_every_block_the_same_pair(depth):
     name, kwargs, _ = VIT
     vit = convert(make(name, {**kwargs, "depth": depth}), layers="mlp", schedule="reference")
     steps = [layer.step.t for _, layer in denoising_layers(vit)]
-    assert steps == [2 * depth, 2 * depth - 1] * depth
-    with pytest.raises(DenoiseRepError, match=f"pass timesteps >= {2 * depth}"):
+    # The public code's 0-based (2B, 2B-1) is the 1-based (2B + 1, 2B).
+    assert steps == [2 * depth + 1, 2 * depth] * depth
+    with pytest.raises(DenoiseRepError, match=f"pass timesteps >= {2 * depth + 1}"):
         convert(make(name, {**kwargs, "depth": depth}), layers="mlp", schedule="reference", timesteps=3)
 
 
-def test_training_a_converted_network_reaches_the_denoisers():
+def test_the_task_loss_trains_the_backbone_and_only_the_denoising_loss_trains_the_denoisers():
     model = convert(make(*VIT[:2], torch.float32), layers="mlp").train()
     x = torch.randn(2, 3, *VIT[2])
     model(x).square().mean().backward()
+    assert all(p.grad is None for p in denoiser_parameters(model))
+    assert all(p.grad is not None for p in backbone_parameters(model) if p.requires_grad)
+    denoise_loss(model).backward()
     assert all(p.grad is not None and p.grad.abs().max() > 0 for p in denoiser_parameters(model))

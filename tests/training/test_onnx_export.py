@@ -90,7 +90,7 @@ def test_onnx_runtime_reproduces_load_model_at_batch_1_and_32(arch, kwargs, tmp_
     _, out = _exported(arch, kwargs, tmp_path / "m")
     meta = json.loads((out / "model.json").read_text())
     section = meta["onnx"]
-    assert meta["format_version"] == FORMAT_VERSION == 2
+    assert meta["format_version"] == FORMAT_VERSION == 3
     assert section["opset"] == ONNX_OPSET and section["weights_sha256"] == meta["weights_sha256"]
     assert section["input"]["shape"] == ["batch", 3, *SIZE] and section["input"]["layout"] == "NCHW"
     assert section["input"]["mean"] == list(PREP.mean) and section["input"]["interpolation"] == "bilinear"
@@ -275,15 +275,17 @@ def test_provider_and_option_errors_say_what_to_do(cnn_dir):
     assert served.embed(torch.zeros(0, 3, *SIZE)).shape == (0, served.dim)
 
 
-def test_format_versions_1_and_2_load_and_a_newer_one_is_refused(cnn_dir, tmp_path):
+def test_older_format_versions_load_and_a_newer_one_is_refused(cnn_dir, tmp_path):
     old = _copy(cnn_dir, tmp_path / "old")
     (old / ONNX_NAME).unlink()
     meta = json.loads((old / "model.json").read_text())
     del meta["onnx"]
     (old / "model.json").write_text(json.dumps({**meta, "format_version": 1}))
     assert load_model(old).version == meta["weights_sha256"][:12]
-    _edit_meta(old, format_version=3)
-    with pytest.raises(ModelFormatError, match="reads versions 1 and 2; it was written by a newer version"):
+    _edit_meta(old, format_version=2)
+    assert load_model(old).version == meta["weights_sha256"][:12]
+    _edit_meta(old, format_version=FORMAT_VERSION + 1)
+    with pytest.raises(ModelFormatError, match="reads versions 1, 2, 3; it was written by a newer version"):
         load_model(old)
 
 
@@ -305,7 +307,7 @@ def test_export_onnx_command_adds_onnx_to_a_version_1_directory(cnn_dir, tmp_pat
 
     assert "min cosine with PyTorch" in _cli("export-onnx", str(old))
     after = json.loads((old / "model.json").read_text())
-    assert after["format_version"] == 2 and after["onnx"]["file"] == ONNX_NAME
+    assert after["format_version"] == FORMAT_VERSION and after["onnx"]["file"] == ONNX_NAME
     assert {k: v for k, v in after.items() if k not in ("onnx", "format_version")} == {
         k: v for k, v in meta.items() if k != "format_version"
     }

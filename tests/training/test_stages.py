@@ -288,3 +288,30 @@ def test_cli_export_errors(tmp_path):
     assert "does not exist" in _fails(
         "evaluate", "--model", str(tmp_path / "none"), "--dataset", "market1501", "--root", str(tmp_path)
     )
+
+
+def _without_labels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training batches without a "label" key: any code path that reads one fails with KeyError."""
+    original = TrainImageDataset.__getitem__
+
+    def getitem(self, index):  # a drop-in for the dataset's __getitem__
+        item = dict(original(self, index))
+        item.pop("label")
+        return item
+
+    monkeypatch.setattr(TrainImageDataset, "__getitem__", getitem)
+
+
+def test_the_denoiser_phase_reads_no_label_and_logs_the_weight_change(
+    cnn_baseline, data, tmp_path, monkeypatch
+):
+    _without_labels(monkeypatch)
+    with pytest.raises(KeyError, match="label"):  # the patch bites: a labelled recipe reads labels
+        Trainer(load_config(None, [*TINY, *CNN, "train.epochs=1"]), tmp_path / "base", dataset=data).fit()
+    overrides = [*TINY, *CNN, "train.stage=denoiserep", f"train.init={cnn_baseline}", "denoiserep.epochs=1"]
+    result = Trainer(load_config(None, overrides), tmp_path / "dr", dataset=data).fit()
+    (record,) = result.history
+    assert record["phase"] == "denoiser" and "accuracy" not in record
+    assert record["weight_change_mean"] > 0 and record["weight_change_max"] >= record["weight_change_mean"]
+    lf = [*TINY, *CNN, "train.stage=label-free", f"train.init={cnn_baseline}", "denoiserep.epochs=1"]
+    Trainer(load_config(None, lf), tmp_path / "lf", dataset=data).fit()
