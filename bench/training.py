@@ -1,17 +1,10 @@
-"""Training benchmarks: step throughput with and without DenoiseRep, and DenoiseRep's effect on mAP.
+"""Training benchmark: step throughput with and without DenoiseRep.
 
-Two parts:
-
-1. **Throughput**: images per second of a full training step (forward, ID + triplet loss, plus the
-   denoising loss when converted, backward, SGD step) for the default backbones
-   (``vit_small_patch16_224`` at 256x128 with DenoiseRep on its MLP layers, ``resnet50`` at 256x128
-   with DenoiseRep on its convolutions), random-init weights and random images.
-2. **Effect**: on synthetic person (Market-1501 layout) and vehicle (VehicleID layout) data, a
-   baseline trained for E epochs is continued for E' more epochs (a) as a plain baseline and
-   (b) as a DenoiseRep stage (alternating denoiser / backbone phases), same learning rate and the
-   same number of epochs; mean and std over 3 training seeds of mAP and rank-1 of the final models,
-   evaluated fused (as exported). A small backbone (timm's ``test_resnet``) keeps it within minutes
-   on a CPU.
+Images per second of a full training step (forward, ID + triplet loss, plus the denoising loss when
+converted, backward, SGD step) for the default backbones (``vit_small_patch16_224`` at 256x128 with
+DenoiseRep on its MLP layers, ``resnet50`` at 256x128 with DenoiseRep on its convolutions),
+random-init weights and random images. What DenoiseRep does to retrieval is measured by
+``bench/denoiserep_study.py`` (same backbone budget, paired seeds, a size-matched control).
 
 Run: ``python -m bench.training [--quick] [--device cpu|cuda] [--out PATH]``.
 """
@@ -20,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -113,122 +104,8 @@ def throughput(quick: bool, device: torch.device) -> dict[str, Any]:
     return {"rows": rows}
 
 
-def _mean_std(values: list[float]) -> dict[str, float]:
-    return {
-        "mean": round(statistics.fmean(values), 4),
-        "std": round(statistics.pstdev(values), 4) if len(values) > 1 else 0.0,
-        "values": [round(v, 4) for v in values],
-    }
-
-
-def _effect_for(kind: str, *, quick: bool, seeds: list[int], device: str, workdir: Path) -> dict[str, Any]:
-    from training.config import load_config
-    from training.data.registry import build_dataset
-    from training.data.synthetic import write_synthetic
-    from training.engine import Trainer
-
-    ids = 32 if quick else 64
-    if kind == "person":
-        root = write_synthetic(
-            workdir / "market",
-            layout="market1501",
-            ids=ids,
-            images_per_id=8,
-            cameras=3,
-            seed=0,
-            progress=False,
-        )
-        dataset = build_dataset("market1501", root)
-        size = [64, 32]
-    else:
-        root = write_synthetic(
-            workdir / "vehicleid", layout="vehicleid", ids=ids, images_per_id=8, seed=0, progress=False
-        )
-        dataset = build_dataset("vehicleid", root, test_size=2400)  # the largest list: every test vehicle
-        size = [48, 48]
-    base_epochs = 4 if quick else 12
-    extra_epochs = 2 if quick else 4
-    finetune_lr = 0.005
-    common = [
-        "model.backbone=test_resnet",
-        f"data.size={size}",
-        "data.p=8",
-        "data.k=4",
-        "data.num_workers=0",
-        "data.pad=2",
-        "data.erasing_prob=0.0",
-        "optim.name=sgd",
-        "optim.lr=0.05",
-        "optim.warmup_epochs=2",
-        f"train.device={device}",
-        "eval.every=0",
-        "eval.trials=10",
-    ]
-    names = ("baseline", "continued", "denoiserep")
-    results: dict[str, list[float]] = {f"{n}_{m}": [] for n in names for m in ("mAP", "rank1")}
-    seconds: dict[str, float] = {"baseline": 0.0, "continued": 0.0, "denoiserep": 0.0}
-    for seed in seeds:
-        run = workdir / f"{kind}_seed{seed}"
-        stages = {
-            "baseline": [*common, f"train.seed={seed}", f"train.epochs={base_epochs}"],
-            # Same budget and learning rate for both continuations: only DenoiseRep differs.
-            "continued": [
-                *common,
-                f"train.seed={seed}",
-                f"train.epochs={extra_epochs}",
-                f"optim.lr={finetune_lr}",
-                "optim.warmup_epochs=0",
-                f"train.init={run / 'baseline'}",
-            ],
-            "denoiserep": [
-                *common,
-                f"train.seed={seed}",
-                "train.stage=denoiserep",
-                f"denoiserep.epochs={extra_epochs}",
-                f"denoiserep.lr={finetune_lr}",
-                "denoiserep.denoiser_lr=0.05",
-                "denoiserep.layers=conv",
-                "denoiserep.mode=alternate",
-                f"train.init={run / 'baseline'}",
-            ],
-        }
-        for name, overrides in stages.items():
-            start = time.perf_counter()
-            result = Trainer(load_config(None, overrides), run / name, dataset=dataset).fit()
-            seconds[name] += time.perf_counter() - start
-            final = result.last_evaluation
-            results[f"{name}_mAP"].append(final["mAP"])
-            results[f"{name}_rank1"].append(final["cmc"]["1"])
-            log.info("%s seed %d %s: mAP %.4f rank-1 %.4f", kind, seed, name, final["mAP"], final["cmc"]["1"])
-    return {
-        "dataset": dataset.name,
-        "protocol": "vehicleid (10 trials)" if kind == "vehicle" else "market1501",
-        "train_identities": dataset.num_train_pids,
-        "train_images": len(dataset.train),
-        "backbone": "test_resnet",
-        "input": size,
-        "baseline_epochs": base_epochs,
-        "extra_epochs": extra_epochs,
-        "finetune_lr": finetune_lr,
-        "denoiserep": {"layers": "conv", "mode": "alternate", "denoiser_lr": 0.05, "loss_weight": 0.1},
-        "seeds": seeds,
-        **{key: _mean_std(values) for key, values in results.items()},
-        "seconds": {k: round(v, 1) for k, v in seconds.items()},
-    }
-
-
-def effect(quick: bool, device: torch.device) -> dict[str, Any]:
-    """DenoiseRep vs plain continuation of the same baselines, on synthetic persons and vehicles."""
-    seeds = [0, 1] if quick else [0, 1, 2]
-    with tempfile.TemporaryDirectory(prefix="bench-training-") as tmp:
-        return {
-            kind: _effect_for(kind, quick=quick, seeds=seeds, device=str(device), workdir=Path(tmp) / kind)
-            for kind in ("person", "vehicle")
-        }
-
-
 def run(quick: bool, device: str | torch.device | None = None) -> dict[str, Any]:
-    """Both benchmarks; ``quick`` shrinks every size so the whole run takes a minute or two on a CPU."""
+    """The throughput benchmark; ``quick`` shrinks every size so the run takes seconds on a CPU."""
     dev = (
         torch.device(device)
         if device is not None
@@ -239,7 +116,6 @@ def run(quick: bool, device: str | torch.device | None = None) -> dict[str, Any]
         "device": str(dev),
         "quick": quick,
         "throughput": throughput(quick, dev),
-        "effect": effect(quick, dev),
     }
     figures["seconds"] = round(time.perf_counter() - start, 1)
     return figures

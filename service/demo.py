@@ -319,7 +319,7 @@ def _print_report(
                 f"{fused[1] / base[1]:.2f}x (32 images); same architecture and parameter count"
             )
     print(
-        "  Same budget: both rows continue one pretraining run for the same number of backbone epochs;\n"
+        "  Same budget: both rows continue one shared first run for the same number of backbone epochs;\n"
         "  (DR) = DenoiseRep: its alternation adds label-free denoiser epochs, fused into the weights\n"
         "  at export.\n"
         "  VehicleID rows are means over random gallery draws; synthetic data, so compare rows, not papers."

@@ -85,11 +85,12 @@ def test_baseline_learns_far_above_random_init(pipeline, market):
 
 def test_denoiserep_stage_alternates_phases_and_exports_fused(pipeline):
     ckpt = load_checkpoint(pipeline["dr"] / "last.pt")
-    assert ckpt["denoiserep"]["layers"] == "conv"
+    assert ckpt["denoiserep"]["layers"] == "auto" and ckpt["denoiserep"]["conv_side"] == "input"
     assert [r["phase"] for r in ckpt["history"]] == ["denoiser", "backbone"]
     assert ckpt["history"][0]["denoise_loss"] > 0 and ckpt["history"][1]["denoise_loss"] == 0
     meta = json.loads((pipeline["model"] / "model.json").read_text())
-    assert meta["denoiserep"]["num_layers"] > 0 and meta["denoiserep"]["layers"] == "conv"
+    assert meta["denoiserep"]["num_layers"] > 0 and meta["denoiserep"]["layers"] == "auto"
+    assert meta["denoiserep"]["weight_change"]["mean"] > 0
     assert meta["training"]["stage"] == "denoiserep"
     assert meta["evaluation"]["protocol"] == "market1501"
     keys = load_file(str(pipeline["model"] / "model.safetensors")).keys()
