@@ -169,6 +169,9 @@ class DenoiseRepConfig:
             1e-4 leave it where D = 0 has it. 1e-3 is the default; ``reid calibrate`` reaches the
             optimum itself.
         warmup_epochs: warmup in these stages.
+        loss_rows: the denoising loss of each layer is estimated on at most this many tokens /
+            pixels per forward, drawn uniformly (unbiased); ``None``: all of them. A CNN's early
+            layers have ~10^5 pixels per batch, where the full loss costs several convs.
     """
 
     layers: Literal["auto", "mlp", "linear", "conv"] = "auto"
@@ -183,6 +186,7 @@ class DenoiseRepConfig:
     epochs: int = 10
     lr: float | None = None
     denoiser_lr: float = 1e-3
+    loss_rows: int | None = 4096
     warmup_epochs: float = 0.0
 
 
@@ -266,6 +270,11 @@ class Config:
             (
                 self.denoiserep.denoiser_epochs >= 1 and self.denoiserep.backbone_epochs >= 1,
                 "denoiserep.denoiser_epochs and denoiserep.backbone_epochs must be >= 1",
+            ),
+            (self.denoiserep.denoiser_lr > 0, "denoiserep.denoiser_lr must be > 0"),
+            (
+                self.denoiserep.loss_rows is None or self.denoiserep.loss_rows >= 1,
+                "denoiserep.loss_rows must be >= 1 or null (all rows)",
             ),
             (self.eval.every >= -1, "eval.every must be >= -1"),
             (self.eval.trials >= 1, "eval.trials must be >= 1"),

@@ -399,6 +399,10 @@ class Trainer:
         label_map = sorted(label_map_dict)
         model = self._build_model(init, label_map, dataset.kind)
         dr_settings = self._prepare_denoiserep(model, init)
+        if dr_settings is not None:
+            from training import denoiserep
+
+            denoiserep.set_loss_rows(model.backbone, cfg.denoiserep.loss_rows)
         if resume is not None:
             # The run's own checkpoint wins over init: same architecture, later weights.
             if resume.get("denoiserep") != dr_settings:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from training.denoiserep import (
+    DenoiseRepError,
     DenoisingConv2d,
     DiffusionSchedule,
     convert,
@@ -23,6 +24,7 @@ from training.denoiserep import (
     denoiser_parameters,
     denoising_layers,
     fuse,
+    set_loss_rows,
     set_phase,
     weight_changes,
 )
@@ -224,3 +226,38 @@ def test_auto_layers_pick_mlp_linears_in_transformers_and_dense_convs_in_cnns():
     assert layers
     assert all(isinstance(m, DenoisingConv2d) and m.side == "input" for _, m in layers)
     assert all(m.in_channels // m.groups > 1 for _, m in layers)  # depthwise convs are left alone
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_the_row_subsampled_loss_is_an_unbiased_estimate(kind):
+    torch.manual_seed(0)
+    if kind == "linear":
+        net = convert(nn.Sequential(nn.Linear(12, 4)), layers="linear")
+        x = torch.randn(8, 50, 12) + 0.5
+    else:
+        net = convert(nn.Sequential(nn.Conv2d(6, 4, 3, padding=1, groups=2, bias=False)), layers="conv")
+        x = torch.randn(4, 6, 16, 16) + 0.5
+    layer = net[0]
+    with torch.no_grad():
+        layer.denoiser_weight.copy_(0.5 * torch.randn(layer.denoiser_weight.shape))
+    net.train()
+
+    def mean_loss(rows: int | None, draws: int) -> float:
+        set_loss_rows(net, rows)
+        total = 0.0
+        for _ in range(draws):
+            with torch.no_grad():
+                net(x)
+            total += float(denoise_loss(net).detach())
+        return total / draws
+
+    full = mean_loss(None, 200)
+    sampled = mean_loss(32, 2000)
+    assert sampled == pytest.approx(full, rel=0.02)
+    set_loss_rows(net, 32)
+    with torch.no_grad():
+        net(x)
+    loss = denoise_loss(net)
+    assert loss.requires_grad  # still trains D
+    with pytest.raises(DenoiseRepError, match="positive integer"):
+        set_loss_rows(net, 0)

@@ -160,6 +160,8 @@ class DenoisingLayer:
         self.settings = settings
         self.source_class = type(source)
         self._init_denoiser(denoiser_shape, bias_shape)
+        #: Rows of the denoising loss per forward (None: all); see network.set_loss_rows.
+        self.loss_rows: int | None = None
         self.train(source.training)  # type: ignore[attr-defined]
 
     def _init_denoiser(self, denoiser_shape: tuple[int, ...], bias_shape: tuple[int, ...] | None) -> None:
@@ -212,11 +214,26 @@ class DenoisingLayer:
         Autograd is switched on here, for (D, d) only: the backbone may run under ``torch.no_grad``.
         """
         with torch.enable_grad():
-            clean = clean.detach()
+            clean = self._loss_rows_of(clean.detach(), feature_dim)
             noise = torch.randn_like(clean)
             noised = self.step.sqrt_abar * clean + self.step.sqrt_one_minus_abar * noise
             loss = _noise_prediction_loss(self.predict_noise(noised), noise, feature_dim)
         self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+
+    def _loss_rows_of(self, clean: torch.Tensor, feature_dim: int) -> torch.Tensor:
+        """At most ``loss_rows`` feature vectors of ``clean``, drawn uniformly with replacement.
+
+        The loss is a mean over rows, so the mean over a uniform sample is an unbiased estimate of
+        it; a CNN's early layers have ~10^5 pixels per batch, where the full loss costs several
+        times the conv itself. Rows keep the layout ``predict_noise`` reads (1x1 maps for convs).
+        """
+        limit = getattr(self, "loss_rows", None)
+        feature = clean.shape[feature_dim]
+        rows = clean.movedim(feature_dim, -1).reshape(-1, feature)
+        if limit is None or rows.shape[0] <= limit:
+            return clean
+        picked = rows[torch.randint(rows.shape[0], (limit,), device=rows.device)]
+        return picked if feature_dim == -1 else picked[:, :, None, None]
 
     def pop_loss(self) -> torch.Tensor | None:
         """The summed noise-prediction loss of the train forwards since the last call, then reset."""

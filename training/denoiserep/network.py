@@ -214,6 +214,21 @@ def set_phase(model: nn.Module, phase: str) -> None:
         p.requires_grad_(train_denoisers if id(p) in denoisers else train_backbone)
 
 
+def set_loss_rows(model: nn.Module, rows: int | None) -> None:
+    """Estimate each layer's denoising loss on at most ``rows`` feature vectors per forward.
+
+    The vectors are drawn uniformly (with replacement) from the layer's tokens or pixels, so the
+    estimate is unbiased; None uses them all. Training-time only: nothing of it is saved or fused.
+
+    Raises:
+        DenoiseRepError: ``rows`` is not a positive integer or None, or ``model`` was never converted.
+    """
+    if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+        raise DenoiseRepError(f"loss rows must be a positive integer or None, got {rows!r}")
+    for _, layer in _require_layers(model, "set_loss_rows"):
+        layer.loss_rows = rows
+
+
 def denoiser_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The denoiser parameters (D, d) of every layer, in layer order (for their own param group)."""
     layers = _require_layers(model, "denoiser_parameters")
