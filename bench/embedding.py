@@ -550,6 +550,51 @@ def _pillow_process_pool(
         workers.close()
 
 
+def _decoder_comparison(
+    crops: list[bytes], timed: Callable[[Callable[[], Any], int], float]
+) -> dict[str, Any]:
+    """JPEG -> uint8 RGB only, one core, same crops, rounds interleaved: Pillow, TorchCodec, PyTurboJPEG.
+
+    The candidates of ``training.inference.decode_jpegs`` (torchvision.io's decoders are
+    deprecated); PyTurboJPEG needs the system's libturbojpeg and is skipped where it is missing.
+    """
+    import io
+
+    import numpy as np
+
+    def pillow(data: bytes) -> Any:
+        with Image.open(io.BytesIO(data)) as image:
+            return np.asarray(image.convert("RGB"))
+
+    decoders: dict[str, Callable[[bytes], Any]] = {"pillow": pillow}
+    try:
+        from torchcodec.decoders import decode_jpeg
+
+        decoders["torchcodec"] = lambda data: decode_jpeg(data, mode="RGB")
+    except Exception as exc:  # missing, or a build that does not match this torch
+        decoders_note = f"torchcodec unavailable: {type(exc).__name__}"
+    else:
+        decoders_note = None
+    try:
+        from turbojpeg import TJPF_RGB, TurboJPEG
+
+        turbo = TurboJPEG()
+        decoders["pyturbojpeg"] = lambda data: turbo.decode(data, pixel_format=TJPF_RGB)
+    except Exception as exc:  # the Python package or libturbojpeg is missing
+        decoders_note = (decoders_note + "; " if decoders_note else "") + f"pyturbojpeg unavailable: {exc}"
+    rates: dict[str, list[float]] = {name: [] for name in decoders}
+    for _ in range(3):
+        for name, fn in decoders.items():
+            rates[name].append(timed(lambda fn=fn: [fn(d) for d in crops], len(crops)))
+    out: dict[str, Any] = {name: statistics.median(r) for name, r in rates.items()}
+    out.update(
+        {f"{name}_vs_pillow": round(out[name] / out["pillow"], 2) for name in decoders if name != "pillow"}
+    )
+    if decoders_note:
+        out["note"] = decoders_note
+    return out
+
+
 def decode_case(cfg: Config, crops: list[bytes]) -> dict[str, Any]:
     """Images/s of each decoder on the same crops (see the module docstring)."""
     from service.imaging.decoding import decode_image
@@ -581,6 +626,7 @@ def decode_case(cfg: Config, crops: list[bytes]) -> dict[str, Any]:
     )
     out["pillow_preprocess_per_core"] = timed(lambda: [pillow_preprocess(d) for d in per_core], len(per_core))
     out["libjpeg_turbo_decode_per_core"] = timed(lambda: [decode_jpegs([d]) for d in per_core], len(per_core))
+    out["decoders_per_core"] = _decoder_comparison(per_core, timed)
     with ThreadPoolExecutor(threads, thread_name_prefix="bench-decode") as pool:
         list(pool.map(pillow_preprocess, crops[:threads]))  # start the threads
         out["pillow_preprocess_pool"] = timed(lambda: list(pool.map(pillow_preprocess, crops)), n)

@@ -33,6 +33,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from training.model import UnknownBackboneError
     from training.onnx_export import OnnxExportError
     from training.onnx_runtime import OnnxRuntimeError
+    from training.tensorboard_log import TensorBoardUnavailableError
 
     errors: list[type[BaseException]] = [
         CheckpointError,
@@ -45,6 +46,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ModelFormatError,
         OnnxExportError,
         OnnxRuntimeError,
+        TensorBoardUnavailableError,
         UnknownBackboneError,
     ]
     try:

@@ -228,6 +228,8 @@ class TrainConfig:
         max_steps_per_epoch: cap on iterations per epoch (quick runs, benchmarks); ``None``: no cap.
         deterministic: ``torch.use_deterministic_algorithms`` (slower on GPU).
         resume: continue from ``last.pt`` when the run directory has one.
+        tensorboard: also write every epoch record as TensorBoard scalars under
+            ``RUN/tensorboard`` (needs the ``tensorboard`` package).
     """
 
     stage: Stage = "baseline"
@@ -240,6 +242,7 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None
     deterministic: bool = False
     resume: bool = True
+    tensorboard: bool = False
 
 
 @dataclass

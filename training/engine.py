@@ -73,6 +73,7 @@ from training.embedding import evaluate_embedder
 from training.export import fused_model
 from training.losses import ReIDLoss
 from training.model import ReIDModel, create_reid_model, ensure_known_backbone
+from training.tensorboard_log import TensorBoardSink
 
 __all__ = [
     "DEFAULT_SIZES",
@@ -497,7 +498,7 @@ class Trainer:
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.run_dir / CONFIG_NAME)
-        self._tb = self._tensorboard() if self.dist.is_main else None
+        self._tb = TensorBoardSink(self.run_dir) if self.dist.is_main and cfg.train.tensorboard else None
         log.info(
             "stage %s: %s on %s (%s), %d identities, %d images, %d steps/epoch of %d, %d epochs",
             cfg.train.stage,
@@ -933,20 +934,7 @@ class Trainer:
         ]
         log.info("epoch %d (%s): %s", record["epoch"], record["phase"] or "baseline", " ".join(parts))
         if self._tb is not None:
-            for key, value in record.items():
-                if isinstance(value, int | float) and key != "epoch":
-                    self._tb.add_scalar(f"train/{key}", value, record["epoch"])
-            evaluation = record.get("evaluation") or {}
-            if "mAP" in evaluation:
-                self._tb.add_scalar("eval/mAP", evaluation["mAP"], record["epoch"])
-                self._tb.add_scalar("eval/rank1", evaluation["cmc"]["1"], record["epoch"])
-
-    def _tensorboard(self) -> Any:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # tensorboard is optional
-            return None
-        return SummaryWriter(str(self.run_dir / "tensorboard"))
+            self._tb.write(record)
 
     def _write_summary(self, result: RunResult) -> None:
         summary = {

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -311,12 +312,27 @@ def test_tensor_preprocess_keeps_input_order_across_size_groups() -> None:
     assert prep([]).shape == (0, 3, *SIZE)
 
 
-def test_decode_jpegs_matches_pillow_on_cpu() -> None:
-    data = [_jpeg(32, 64, 5), _jpeg(20, 50, 6, mode="L")]
-    for raw, img in zip(data, decode_jpegs(data, "cpu"), strict=True):
+@pytest.mark.parametrize("decoder", ["torchcodec", "pillow-fallback"])
+def test_decode_jpegs_matches_pillow_on_cpu_without_deprecated_decoders(decoder, monkeypatch) -> None:
+    import training.inference as inference
+
+    if decoder == "torchcodec":
+        assert inference._torchcodec_jpeg() is not None, "TorchCodec is installed by the Makefile"
+    else:
+        monkeypatch.setattr(inference, "_TORCHCODEC_JPEG", False)  # as where TorchCodec is missing
+    data = [_jpeg(32, 64, 5), _jpeg(20, 50, 6, mode="L"), _jpeg(128, 64, 7)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # torchvision.io's decoders warn
+        decoded = decode_jpegs(data, "cpu")
+    diffs = []
+    for raw, img in zip(data, decoded, strict=True):
         pil = np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
         assert img.dtype == torch.uint8 and img.shape == (3, *pil.shape[:2])
-        assert int(np.abs(img.permute(1, 2, 0).numpy().astype(int) - pil).max()) <= 1
+        diffs.append(np.abs(img.permute(1, 2, 0).numpy().astype(int) - pil))
+    assert max(int(d.max()) for d in diffs) <= 1
+    assert float(np.mean([d.mean() for d in diffs])) <= 0.05
+    with pytest.raises(RuntimeError):
+        decode_jpegs([data[0][: len(data[0]) // 3]], "cpu")  # truncated: one error type for callers
 
 
 def test_load_model_options_on_cpu(tmp_path: Path) -> None:
