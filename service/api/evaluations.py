@@ -11,13 +11,12 @@ from sqlalchemy import select
 from service.api import idempotency
 from service.api.deps import DbSession, EvaluationId, Scope, State, authorize
 from service.api.galleries import resolve_model
-from service.api.jobs import check_dataset_root, check_layout, create_job_idempotently
+from service.api.jobs import check_dataset, check_layout, create_job_idempotently
 from service.api.pagination import cursor_after, page_of, page_query
 from service.api.schemas import EvaluationCreate, EvaluationOut, Page
 from service.db.tables import Evaluation, Job, ModelRow
 from service.http.limits import check_job_images
 from service.http.problems import PROBLEM_RESPONSES, not_found
-from service.jobs.sources import count_dataset_images
 
 router = APIRouter(prefix="/v1/evaluations", tags=["evaluations"], responses=PROBLEM_RESPONSES)
 
@@ -56,15 +55,14 @@ async def create_evaluation(
     key = idempotency.check_key(idempotency_key)
     runtime = resolve_model(state, body.model, body.version)
     check_layout(body.dataset.layout)
-    await anyio.to_thread.run_sync(check_dataset_root, state, body.dataset.root)
     protocol = body.protocol or ("vehicleid" if body.dataset.layout.lower() == "vehicleid" else "market1501")
     count = await anyio.to_thread.run_sync(
-        count_dataset_images,
+        check_dataset,
+        state,
         body.dataset.layout,
         body.dataset.root,
         body.dataset.options,
         ("gallery",) if protocol == "vehicleid" else ("query", "gallery"),
-        state.settings.dataset_roots,
     )
     check_job_images(count, state.settings.max_evaluation_images, "evaluation", "REID_MAX_EVALUATION_IMAGES")
     options: dict[str, Any] = {"ap_mode": body.ap_mode}

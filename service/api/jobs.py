@@ -25,10 +25,11 @@ from service.db.tables import Gallery, Job, JobError, utcnow
 from service.http.limits import check_job_images
 from service.http.problems import PROBLEM_RESPONSES, Problem, not_found, problem_responses
 from service.jobs.sources import (
+    DatasetOptionsError,
     DatasetPathForbiddenError,
     DatasetPathInvalidError,
     count_dataset_images,
-    resolve_dataset_root,
+    relative_message,
 )
 from service.state import ServiceState
 
@@ -72,21 +73,37 @@ def job_out(job: Job) -> JobOut:
     )
 
 
-def check_dataset_root(state: ServiceState, root: str) -> None:
-    """Answer 403/422 at once for a folder a job would refuse later."""
+def check_dataset(
+    state: ServiceState, layout: str, root: str, options: dict[str, Any] | None, splits: tuple[str, ...]
+) -> int:
+    """Answer 403/422 at once for a dataset a job would refuse later; returns its image count.
+
+    Messages name paths as the client gave them or relative to a dataset root, never in full.
+    """
+    from training.data.errors import DatasetError
+
+    roots = state.settings.dataset_roots
     try:
-        resolve_dataset_root(root, state.settings.dataset_roots)
+        return count_dataset_images(layout, root, options or {}, splits, roots)
     except DatasetPathForbiddenError as exc:
-        raise Problem(403, "Dataset path not allowed", str(exc), slug="dataset-path-forbidden") from exc
+        detail = relative_message(str(exc), roots)
+        raise Problem(403, "Dataset path not allowed", detail, slug="dataset-path-forbidden") from exc
     except DatasetPathInvalidError as exc:
-        raise Problem(422, "Dataset path not found", str(exc), slug="dataset-path-invalid") from exc
+        detail = relative_message(str(exc), roots)
+        raise Problem(422, "Dataset path not found", detail, slug="dataset-path-invalid") from exc
+    except DatasetOptionsError as exc:
+        detail = relative_message(str(exc), roots)
+        raise Problem(422, "Invalid dataset options", detail, slug="dataset-options-invalid") from exc
+    except DatasetError as exc:
+        detail = relative_message(str(exc), roots)
+        raise Problem(422, "Dataset cannot be read", detail, slug="dataset-invalid") from exc
     except (ValueError, OSError, RuntimeError) as exc:
         # What resolving a client's path can raise: a NUL byte, a name too long, a symbolic-link
-        # loop, '~user' of an unknown user. The client's mistake, not the server's.
+        # loop. The client's mistake, not the server's; the OS message is not echoed.
         raise Problem(
             422,
             "Invalid dataset path",
-            f"dataset path {root[:200]!r} cannot be resolved on the server: {exc}",
+            f"dataset path {root[:200]!r} cannot be resolved on the server ({type(exc).__name__})",
             slug="dataset-path-invalid",
         ) from exc
 
@@ -165,15 +182,9 @@ async def create_ingest_job(
 ) -> Any:
     key = idempotency.check_key(idempotency_key)
     check_layout(body.source.layout)
-    await anyio.to_thread.run_sync(check_dataset_root, state, body.source.root)
     source = body.source
     count = await anyio.to_thread.run_sync(
-        count_dataset_images,
-        source.layout,
-        source.root,
-        source.options,
-        (source.split,),
-        state.settings.dataset_roots,
+        check_dataset, state, source.layout, source.root, source.options, (source.split,)
     )
     check_job_images(count, state.settings.max_job_images, "ingestion source", "REID_MAX_JOB_IMAGES")
     params = {"source": body.source.model_dump()}

@@ -25,9 +25,14 @@ from service.embedder import ModelUnavailableError
 from service.evaluation_files import FEATURE_FILES, SAMPLES_NAME, evaluation_dir
 from service.imaging.preparation import BatchPreparation, stack
 from service.jobs.runner import JobContext, JobFailedError
-from service.jobs.sources import DatasetPathForbiddenError, DatasetPathInvalidError, resolve_dataset_root
+from service.jobs.sources import (
+    DatasetOptionsError,
+    DatasetPathForbiddenError,
+    DatasetPathInvalidError,
+    open_dataset,
+    relative_message,
+)
 from training.data.errors import DatasetError
-from training.data.registry import build_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -70,12 +75,13 @@ def run_evaluate(ctx: JobContext) -> dict[str, Any]:
         return _evaluate(ctx)
     except (
         DatasetError,
+        DatasetOptionsError,
         DatasetPathForbiddenError,
         DatasetPathInvalidError,
         EvaluationError,
         ModelUnavailableError,
     ) as exc:
-        raise JobFailedError(str(exc)) from exc
+        raise JobFailedError(relative_message(str(exc), ctx.state.settings.dataset_roots)) from exc
 
 
 def _evaluate(ctx: JobContext) -> dict[str, Any]:
@@ -93,8 +99,10 @@ def _evaluate(ctx: JobContext) -> dict[str, Any]:
         options = dict(evaluation.options or {})
     runtime = ctx.state.models.get(model_row.name, model_row.version)
     started = time.monotonic()
-    root = resolve_dataset_root(dataset_spec["root"], settings.dataset_roots)
-    dataset = build_dataset(dataset_spec["layout"], root, **(dataset_spec.get("options") or {}))
+    # Every image the dataset lists is checked against the roots, as ingestion does.
+    dataset = open_dataset(
+        dataset_spec["layout"], dataset_spec["root"], dataset_spec.get("options"), settings.dataset_roots
+    )
 
     if protocol == "vehicleid":
         samples = dataset.gallery

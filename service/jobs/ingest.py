@@ -23,11 +23,13 @@ from service.imaging.preparation import BatchPreparation, Prepared, stack
 from service.item_writer import GalleryGoneError, GalleryModelsChangedError, NewItem, gallery_model_ids
 from service.jobs.runner import JobContext, JobFailedError
 from service.jobs.sources import (
+    DatasetOptionsError,
     DatasetPathForbiddenError,
     DatasetPathInvalidError,
     SourceImage,
     inside_roots,
     load_source_images,
+    relative_message,
 )
 from training.data.errors import DatasetError
 
@@ -69,8 +71,8 @@ def run_ingest(ctx: JobContext) -> dict[str, object]:
         raise JobFailedError("the gallery of this job was deleted")
     try:
         images = load_source_images(ctx.params["source"], settings.dataset_roots)
-    except (DatasetError, DatasetPathForbiddenError, DatasetPathInvalidError) as exc:
-        raise JobFailedError(str(exc)) from exc
+    except (DatasetError, DatasetOptionsError, DatasetPathForbiddenError, DatasetPathInvalidError) as exc:
+        raise JobFailedError(relative_message(str(exc), settings.dataset_roots)) from exc
     ctx.set_total(len(images))
     known = known_hashes(ctx, gallery_id)
     try:

@@ -382,8 +382,9 @@ def test_ingest_folder_layout_with_csv_manifest(client: TestClient, datasets_roo
         f"/v1/galleries/{gid}/ingest-jobs",
         json={"source": {"layout": "folder", "root": str(root), "options": {"no_such_option": 1}}},
     )
-    failed = wait_for_job(client, r.headers["location"])
-    assert failed["status"] == "failed" and "no_such_option" in failed["error"]
+    # Refused at creation (not a job that fails later), naming the option and the allowed ones.
+    assert r.status_code == 422, r.text
+    assert "no_such_option" in r.json()["detail"] and "manifest" in r.json()["detail"]
 
 
 def test_concurrent_writers_keep_database_and_index_in_step(client: TestClient, market_root: Path) -> None:

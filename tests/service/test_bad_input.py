@@ -222,7 +222,8 @@ CASES: dict[str, tuple[Case, int, str, str]] = {
     "'..' in a dataset path": (_dot_dot, 403, "dataset-path-forbidden", "'..'"),
     "NUL byte in a dataset path": (_nul_byte, 422, "dataset-path-invalid", "dataset path"),
     "symbolic-link loop": (_symlink_loop, 422, "dataset-path-invalid", "dataset path"),
-    "'~user' of nobody": (_unknown_home, 422, "dataset-path-invalid", "dataset path"),
+    # Not expanded at all: whether the user exists is nobody's business.
+    "'~user' of nobody": (_unknown_home, 403, "dataset-path-forbidden", "'~'"),
     "dataset path too long": (_name_too_long, 422, "dataset-path-invalid", "dataset path"),
 }
 

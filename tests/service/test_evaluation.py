@@ -117,6 +117,7 @@ def test_evaluation_of_unreadable_dataset_fails_cleanly(client: TestClient, data
     r = client.post(
         "/v1/evaluations", json={"model": "person", "dataset": {"layout": "market1501", "root": str(empty)}}
     )
-    assert r.status_code == 202
-    ev = wait_for_job(client, r.headers["location"])
-    assert ev["status"] == "failed" and "query" in ev["error"].lower() and ev["result"] is None
+    # Refused at creation with the parser's message, naming the folder relative to its root.
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert "query" in detail.lower() and str(datasets_root) not in detail

@@ -182,7 +182,7 @@ class FolderDataset(DatasetParser):
             if missing:
                 raise DatasetLayoutError(
                     f"manifest {path} has no column(s) {', '.join(missing)}: expected a header "
-                    f"path,identity,camera[,timestamp][,split], found {','.join(header) or 'nothing'}"
+                    f"path,identity,camera[,timestamp][,split] (the file has {len(header)} column(s))"
                 )
             for line, record in enumerate(reader, start=2):
                 rows.append(self._manifest_row(path, line, record, report))
