@@ -227,7 +227,7 @@ class Settings(BaseSettings):
     thumbnail_size: int = Field(128, ge=16, le=1024)
 
     metrics_enabled: bool = Field(
-        True, description="Serve Prometheus metrics at /metrics (unauthenticated, like the health probes)."
+        True, description="Serve Prometheus metrics at /metrics (with auth on, a key of any scope is needed)."
     )
     log_format: Literal["json", "text"] = Field(
         "json", description="`reid serve` log lines: one JSON object per line, or text for people."

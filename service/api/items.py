@@ -220,9 +220,11 @@ def list_items(
     return page_of(rows, limit, ItemOut, item_out)
 
 
-def _get_item(session: Any, gallery_id: int, item_id: int) -> Item:
+def _get_item(session: Any, gallery_id: int, item_id: int, *, active: bool = False) -> Item:
+    """The gallery's item; with ``active``, a deleted item is not found either (its pixels are gone
+    for clients the moment DELETE answered 204, whatever the store still holds)."""
     item = session.get(Item, item_id)
-    if item is None or item.gallery_id != gallery_id:
+    if item is None or item.gallery_id != gallery_id or (active and item.status != "active"):
         raise not_found("Item", item_id)
     return item
 
@@ -257,7 +259,7 @@ def delete_item(gallery_id: GalleryId, item_id: ItemId, state: State) -> Respons
 async def thumbnail(gallery_id: GalleryId, item_id: ItemId, state: State) -> Response:
     def load() -> bytes:
         with state.sessions() as session:
-            item = _get_item(session, gallery_id, item_id)
+            item = _get_item(session, gallery_id, item_id, active=True)
         try:
             return state.images.thumbnail(item.content_hash, item.image_format, item.source_path)
         except ImageMissingError as exc:
@@ -269,9 +271,9 @@ async def thumbnail(gallery_id: GalleryId, item_id: ItemId, state: State) -> Res
 
     loop = asyncio.get_running_loop()
     data = await loop.run_in_executor(state.decoder.pool, load)
-    return Response(
-        data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400, immutable"}
-    )
+    # private: the thumbnail needed a key (when auth is on) and must not sit in a shared cache; not
+    # immutable: a deleted item's thumbnail must stop being shown.
+    return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
 
 @router.get(
@@ -282,11 +284,11 @@ async def thumbnail(gallery_id: GalleryId, item_id: ItemId, state: State) -> Res
     responses={200: {"content": {"image/*": {}}}},
 )
 def original_image(gallery_id: GalleryId, item_id: ItemId, state: State, session: DbSession) -> FileResponse:
-    item = _get_item(session, gallery_id, item_id)
+    item = _get_item(session, gallery_id, item_id, active=True)
     path = state.images.source_of(item.content_hash, item.image_format, item.source_path)
     if not path.is_file():
         raise Problem(410, "Image gone", "The item's image file is no longer on disk.", slug="image-gone")
     media = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}.get(
         item.image_format, "application/octet-stream"
     )
-    return FileResponse(path, media_type=media)
+    return FileResponse(path, media_type=media, headers={"Cache-Control": "private, max-age=3600"})

@@ -421,8 +421,12 @@ class ApiAccessMiddleware:
         await response(scope, receive, send)
 
 
+#: Outside /v1 but guarded too: the metrics name galleries, their sizes, jobs and model versions.
+PROTECTED_PATHS = frozenset({"/metrics"})
+
+
 def _is_protected(path: str) -> bool:
-    return path == PROTECTED_PREFIX or path.startswith(PROTECTED_PREFIX + "/")
+    return path == PROTECTED_PREFIX or path.startswith(PROTECTED_PREFIX + "/") or path in PROTECTED_PATHS
 
 
 def request_principal(request: Request) -> Principal | None:

@@ -10,8 +10,9 @@ HTTP request:
 * counts the request and its latency by route *template* (``/v1/galleries/{gallery_id}``, never the
   raw path, which would make one time series per gallery or per scanner probe).
 
-With ``metrics_enabled`` it also serves ``GET /metrics`` (Prometheus text format, no
-authentication: scrapers read it like the health probes) and binds the metrics to the service state
+With ``metrics_enabled`` it also serves ``GET /metrics`` (Prometheus text format; with API keys on,
+the guard asks for a key of any scope, since the metrics name galleries, their sizes, jobs and model
+versions: give the scraper a read key) and binds the metrics to the service state
 once the lifespan has built it. Call it last in ``create_app`` so its middleware is the outermost of
 the user middlewares and sees every answer, including those of middlewares added before it.
 """

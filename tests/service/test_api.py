@@ -411,3 +411,19 @@ def test_concurrent_writers_keep_database_and_index_in_step(client: TestClient, 
         client.get(f"/v1/galleries/{gid}").json()["count"] == 6 * 5 + wait_for_job(client, location)["done"]
     )
     assert_index_matches_database(client, gid, deleted)
+
+
+def test_a_deleted_item_serves_no_pixels_and_thumbnails_are_private(client: TestClient) -> None:
+    gid = create_gallery(client, name="deletions")["id"]
+    r = client.post(f"/v1/galleries/{gid}/items", files=[("image", ("a.jpg", jpeg_bytes(7), "image/jpeg"))])
+    assert r.status_code == 201, r.text
+    item = r.json()["items"][0]
+    base = f"/v1/galleries/{gid}/items/{item['id']}"
+    thumb = client.get(f"{base}/thumbnail")
+    assert thumb.status_code == 200
+    cache = thumb.headers["cache-control"]
+    assert "private" in cache and "public" not in cache and "immutable" not in cache
+    assert client.get(f"{base}/image").headers["cache-control"].startswith("private")
+    assert client.delete(base).status_code == 204
+    for path in (f"{base}/thumbnail", f"{base}/image"):
+        assert client.get(path).status_code == 404, path

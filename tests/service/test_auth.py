@@ -435,3 +435,11 @@ def test_migration_adds_and_removes_the_api_keys_table(tmp_path: Path) -> None:
         assert "api_keys" not in tables and "galleries" in tables
     finally:
         engine.dispose()
+
+
+def test_metrics_need_a_key_when_auth_is_on(secured: Any) -> None:
+    client, _, keys = secured
+    body = problem(client.get("/metrics"), 401, "unauthorized")
+    assert "gallery" not in body["detail"]
+    r = client.get("/metrics", headers=bearer(keys[Scope.READ].token))
+    assert r.status_code == 200 and "reid_" in r.text
