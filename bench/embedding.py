@@ -599,7 +599,7 @@ def decode_case(cfg: Config, crops: list[bytes]) -> dict[str, Any]:
     """Images/s of each decoder on the same crops (see the module docstring)."""
     from service.imaging.decoding import decode_image
     from training.data.transforms import Preprocess, build_test_transform
-    from training.inference import TensorPreprocess, decode_jpegs
+    from training.inference import TensorPreprocess, decode_jpegs, jpeg_decoder_name
 
     height, width = cfg.input_size
     prep_spec = Preprocess(size=cfg.input_size, interpolation="bicubic")
@@ -621,6 +621,8 @@ def decode_case(cfg: Config, crops: list[bytes]) -> dict[str, Any]:
         return round(items / (time.perf_counter() - start), 1)
 
     per_core = crops[: max(32, n // 8)]
+    decode_jpegs(per_core[:2])  # load the decoder library before timing it
+    out["decode_jpegs_decoder"] = jpeg_decoder_name("cpu")
     out["pillow_decode_resize_per_core"] = timed(
         lambda: [pillow_decode_resize(d) for d in per_core], len(per_core)
     )

@@ -312,14 +312,16 @@ def test_tensor_preprocess_keeps_input_order_across_size_groups() -> None:
     assert prep([]).shape == (0, 3, *SIZE)
 
 
-@pytest.mark.parametrize("decoder", ["torchcodec", "pillow-fallback"])
+@pytest.mark.parametrize("decoder", ["pyturbojpeg", "torchcodec", "pillow"])
 def test_decode_jpegs_matches_pillow_on_cpu_without_deprecated_decoders(decoder, monkeypatch) -> None:
     import training.inference as inference
 
-    if decoder == "torchcodec":
-        assert inference._torchcodec_jpeg() is not None, "TorchCodec is installed by the Makefile"
-    else:
-        monkeypatch.setattr(inference, "_TORCHCODEC_JPEG", False)  # as where TorchCodec is missing
+    # Each decoder in turn, the faster ones switched off as where they do not load.
+    if decoder != "pyturbojpeg":
+        monkeypatch.setattr(inference, "_TURBOJPEG", False)
+    if decoder == "pillow":
+        monkeypatch.setattr(inference, "_TORCHCODEC_JPEG", False)
+    assert inference.jpeg_decoder_name("cpu") == decoder, "the Makefile installs the decode extra"
     data = [_jpeg(32, 64, 5), _jpeg(20, 50, 6, mode="L"), _jpeg(128, 64, 7)]
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeprecationWarning)  # torchvision.io's decoders warn
