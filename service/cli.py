@@ -20,36 +20,36 @@ def _settings(config: Path | None, **overrides: Any) -> Any:
 
 
 def serve(
-    host: str | None = typer.Option(None, help="Address to bind [default: 127.0.0.1]."),
-    port: int | None = typer.Option(None, help="Port [default: 8000]."),
+    host: str | None = typer.Option(None, help="Address to bind (default: 127.0.0.1)."),
+    port: int | None = typer.Option(None, help="Port (default: 8000)."),
     model: list[str] | None = typer.Option(
         None, "--model", help="NAME=MODEL_DIR of an exported model; repeat for several models/versions."
     ),
-    database_url: str | None = typer.Option(None, help="SQLAlchemy URL [default: SQLite in the data dir]."),
-    data_dir: Path | None = typer.Option(None, help="Uploads, thumbnails, snapshots [default: ./reid-data]."),
+    database_url: str | None = typer.Option(None, help="SQLAlchemy URL (default: SQLite in the data dir)."),
+    data_dir: Path | None = typer.Option(None, help="Uploads, thumbnails, snapshots (default: ./reid-data)."),
     dataset_root: list[Path] | None = typer.Option(
         None, "--dataset-root", help="Server-side folder that jobs may read; repeat for several."
     ),
     index_backend: str | None = typer.Option(
-        None, help="auto, faiss, milvus or torch [default: auto: torch for flat galleries on a GPU without "
-        "faiss-gpu, else faiss]."
+        None, help="auto, faiss, milvus or torch (default: auto: torch for flat galleries on a GPU without "
+        "faiss-gpu, else faiss)."
     ),
-    device: str | None = typer.Option(None, help="Torch device for the models [default: cuda if available]."),
+    device: str | None = typer.Option(None, help="Torch device for the models (default: cuda if available)."),
     runtime: str | None = typer.Option(
         None,
         help="torch, onnx (ONNX Runtime on each model's model.onnx) or auto (ONNX Runtime for CNNs on a "
-        "CPU when the model has model.onnx) [default: auto].",
+        "CPU when the model has model.onnx) (default: auto).",
     ),
     onnx_provider: str | None = typer.Option(
-        None, help="ONNX Runtime provider: auto, cpu, cuda or tensorrt [default: auto: from --device]."
+        None, help="ONNX Runtime provider: auto, cpu, cuda or tensorrt (default: auto: from --device)."
     ),
-    config: Path | None = typer.Option(None, help="Settings file (YAML, or .env) [default: $REID_CONFIG]."),
+    config: Path | None = typer.Option(None, help="Settings file (YAML, or .env) (default: $REID_CONFIG)."),
     auth: str | None = typer.Option(
-        None, help="API keys: on, off or auto (on unless --host is loopback) [default: auto]."
+        None, help="API keys: on, off or auto (on unless --host is loopback) (default: auto)."
     ),
     log_level: str = typer.Option("info", help="Log level of the service and uvicorn."),
     log_format: str | None = typer.Option(
-        None, help="json (one object per line) or text [default: json]; also REID_LOG_FORMAT."
+        None, help="json (one object per line) or text (default: json); also REID_LOG_FORMAT."
     ),
 ) -> None:
     """Run the retrieval service (one process: models and indexes live in it).
@@ -157,8 +157,8 @@ def _engine(database_url: str | None, config: Path | None) -> Any:
     return create_db_engine(settings.resolved_database_url)
 
 
-DatabaseOption = typer.Option(None, "--database-url", help="SQLAlchemy URL [default: from the settings].")
-ConfigOption = typer.Option(None, "--config", help="Settings file [default: $REID_CONFIG].")
+DatabaseOption = typer.Option(None, "--database-url", help="SQLAlchemy URL (default: from the settings).")
+ConfigOption = typer.Option(None, "--config", help="Settings file (default: $REID_CONFIG).")
 
 
 @db_app.command("upgrade")

@@ -206,7 +206,7 @@ def export_command(
         bool,
         typer.Option("--onnx", help="Also write model.onnx (dynamic batch), checked through ONNX Runtime."),
     ] = False,
-    opset: Annotated[int | None, typer.Option(help="ONNX opset [default: 18].")] = None,
+    opset: Annotated[int | None, typer.Option(help="ONNX opset (default: 18).")] = None,
 ) -> None:
     """Fuse the DenoiseRep denoisers and write a deployable model directory (weights + model.json)."""
     with friendly_errors():
@@ -232,7 +232,7 @@ def export_command(
 
 def export_onnx_command(
     model: Annotated[Path, typer.Argument(help="An exported model directory (`reid export`).")],
-    opset: Annotated[int | None, typer.Option(help="ONNX opset [default: 18].")] = None,
+    opset: Annotated[int | None, typer.Option(help="ONNX opset (default: 18).")] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace the directory's existing model.onnx.")
     ] = False,
@@ -326,13 +326,13 @@ def calibrate_command(
     model: Annotated[Path, typer.Argument(help="An exported model directory (`reid export`).")],
     images: Annotated[Path, typer.Option(help="A folder of unlabelled crops (searched recursively).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Model directory to write.")],
-    layers: Annotated[str, typer.Option(help="auto, mlp, linear or conv [default: auto].")] = "auto",
+    layers: Annotated[str, typer.Option(help="auto, mlp, linear or conv (default: auto).")] = "auto",
     beta_t: Annotated[
-        float, typer.Option(help="The schedule's last beta: the strength knob [default: 0.002].")
+        float, typer.Option(help="The schedule's last beta: the strength knob (default: 0.002).")
     ] = 2e-3,
-    conv_side: Annotated[str, typer.Option(help="input or output [default: input].")] = "input",
-    max_images: Annotated[int, typer.Option(help="Images used at most [default: 2000].")] = 2000,
-    batch_size: Annotated[int, typer.Option(help="Images per forward [default: 32].")] = 32,
+    conv_side: Annotated[str, typer.Option(help="input or output (default: input).")] = "input",
+    max_images: Annotated[int, typer.Option(help="Images used at most (default: 2000).")] = 2000,
+    batch_size: Annotated[int, typer.Option(help="Images per forward (default: 32).")] = 32,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out.")] = False,
 ) -> None:
     """DenoiseRep in closed form: set every denoiser to its exact optimum on unlabelled images, fuse, export.

@@ -29,12 +29,13 @@ class DatabaseURLError(ValueError):
 def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
     # WAL lets readers run while one writer commits; the busy timeout makes concurrent writers
     # wait instead of failing with "database is locked"; SQLite enforces foreign keys (and so the
-    # ON DELETE CASCADE of the schema) only when asked, per connection.
+    # ON DELETE CASCADE of the schema) only when asked, per connection. synchronous=FULL: under WAL,
+    # NORMAL may lose the last commits on power loss, and the API answers "201 once durable".
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
     cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA synchronous=FULL")
     cur.close()
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from index.snapshot import fsync_dir
 from service.imaging.decoding import EXTENSIONS
 
 
@@ -81,6 +82,9 @@ def _atomic_write(path: Path, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        # The rename is durable only once the directory entry is: without this a power loss can
+        # leave the item's row pointing at a file that never appeared.
+        fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

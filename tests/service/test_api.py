@@ -427,3 +427,22 @@ def test_a_deleted_item_serves_no_pixels_and_thumbnails_are_private(client: Test
     assert client.delete(base).status_code == 204
     for path in (f"{base}/thumbnail", f"{base}/image"):
         assert client.get(path).status_code == 404, path
+
+
+def test_durability_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLite commits with synchronous=FULL; a stored image's directory entry is fsynced too."""
+    from sqlalchemy import text
+
+    import service.imaging.store as store_module
+    from service.db.session import create_db_engine
+    from service.imaging.store import ImageStore
+
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'd.sqlite3'}")
+    with engine.connect() as conn:
+        assert conn.execute(text("PRAGMA synchronous")).scalar() == 2  # FULL
+    engine.dispose()
+    synced: list[Path] = []
+    monkeypatch.setattr(store_module, "fsync_dir", lambda path: synced.append(Path(path)))
+    store = ImageStore(tmp_path / "images")
+    stored = store.put(jpeg_bytes(3), "ab" * 32, "JPEG")
+    assert stored.parent in synced

@@ -112,3 +112,19 @@ def test_reid_serve_refuses_foreseeable_mistakes_without_a_traceback(args: list[
     assert result.exit_code == 2
     text = " ".join(result.output.replace("│", " ").split())  # the error box wraps lines
     assert message in text and "Traceback" not in result.output
+
+
+def test_cli_help_keeps_every_default() -> None:
+    """Rich would read "[default: ...]" as markup and drop it: the help must show the defaults."""
+    from typer.testing import CliRunner
+
+    from reid_cli import _load_commands, app
+
+    _load_commands()
+    runner = CliRunner()
+    serve = runner.invoke(app, ["serve", "--help"], env={"COLUMNS": "200"})
+    assert serve.exit_code == 0
+    for default in ("(default: 127.0.0.1)", "(default: 8000)", "(default: auto"):
+        assert default in serve.output, serve.output
+    calibrate = runner.invoke(app, ["calibrate", "--help"], env={"COLUMNS": "200"})
+    assert "(default: 0.002)" in calibrate.output
