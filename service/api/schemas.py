@@ -6,7 +6,7 @@ import base64
 import datetime as dt
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 T = TypeVar("T")
 
@@ -400,14 +400,35 @@ class SearchResponse(BaseModel):
     queries: list[QueryResult]
 
 
+def to_utc(value: dt.datetime) -> dt.datetime:
+    """The one rule for client times: naive means UTC; the result is aware, in UTC.
+
+    Raises:
+        ValueError: a time that has no UTC equivalent (``0001-01-01T00:00:00+14:00``).
+    """
+    if value.tzinfo is None:
+        return value.replace(tzinfo=dt.UTC)
+    try:
+        return value.astimezone(dt.UTC)
+    except OverflowError as exc:
+        raise ValueError(f"{value.isoformat()} is out of range once converted to UTC") from exc
+
+
 class SearchByItem(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"item_id": 42, "k": 10}]})
 
-    item_id: int = Field(ge=1, le=2**63 - 1)
-    k: int | None = Field(None, ge=1)
+    item_id: StrictInt = Field(ge=1, le=2**63 - 1)
+    # Strict: JSON true is not k = 1.
+    k: StrictInt | None = Field(None, ge=1)
     cameras: list[str] | None = None
     time_from: dt.datetime | None = None
     time_to: dt.datetime | None = None
+
+    @field_validator("time_from", "time_to")
+    @classmethod
+    def _utc(cls, value: dt.datetime | None) -> dt.datetime | None:
+        # Naive times are UTC here as in /search and /items (not the server's local time).
+        return None if value is None else to_utc(value)
     exclude_identity: str | None = None
     exclude_self: bool = True
     rerank: bool = False

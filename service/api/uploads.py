@@ -10,6 +10,7 @@ from functools import partial
 import numpy as np
 from fastapi import UploadFile
 
+from service.api.schemas import to_utc
 from service.embedder import EmbedderBusyError, EmbedderClosedError, EmbeddingFailedError, ModelRuntime
 from service.http.problems import Problem
 from service.imaging.decoding import ImageError, ImageTooLargeError, UnsupportedImageError
@@ -136,7 +137,10 @@ def parse_time(value: str | None, field: str) -> dt.datetime | None:
             f"{field}={value!r} is neither ISO 8601 nor epoch seconds.",
             slug="validation",
         ) from exc
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+    try:
+        return to_utc(parsed)
+    except ValueError as exc:
+        raise Problem(422, "Invalid time", f"{field}={value!r}: {exc}.", slug="validation") from exc
 
 
 #: Longest identity or camera name (the database columns' size).

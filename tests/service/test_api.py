@@ -446,3 +446,27 @@ def test_durability_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     store = ImageStore(tmp_path / "images")
     stored = store.put(jpeg_bytes(3), "ab" * 32, "JPEG")
     assert stored.parent in synced
+
+
+def test_times_are_one_rule_everywhere_and_k_must_be_an_integer(client: TestClient) -> None:
+    gid = create_gallery(client, name="times")["id"]
+    files = [("image", ("a.jpg", jpeg_bytes(9), "image/jpeg"))]
+    item = client.post(
+        f"/v1/galleries/{gid}/items", files=files, data={"captured_at": "2026-01-02T03:04:05"}
+    ).json()["items"][0]
+    assert item["captured_at"].startswith("2026-01-02T03:04:05") and item["captured_at"].endswith(
+        ("Z", "+00:00")
+    )
+    extreme = "0001-01-01T00:00:00+14:00"  # no UTC equivalent: 422, not 500
+    r = client.post(f"/v1/galleries/{gid}/items", files=files, data={"captured_at": extreme})
+    assert r.status_code == 422, r.text
+    assert client.get(f"/v1/galleries/{gid}/items", params={"time_from": extreme}).status_code == 422
+    search = f"/v1/galleries/{gid}/search-by-item"
+    mixed = {
+        "item_id": item["id"],
+        "time_from": "2026-01-01T00:00:00",
+        "time_to": "2026-01-03T00:00:00+09:00",
+    }
+    assert client.post(search, json=mixed).status_code == 200  # naive and offset times mix (naive = UTC)
+    assert client.post(search, json={"item_id": item["id"], "time_to": extreme}).status_code == 422
+    assert client.post(search, json={"item_id": item["id"], "k": True}).status_code == 422
