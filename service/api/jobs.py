@@ -83,20 +83,17 @@ def check_dataset(
     from training.data.errors import DatasetError
 
     roots = state.settings.dataset_roots
+    refusals = {
+        DatasetPathForbiddenError: (403, "Dataset path not allowed", "dataset-path-forbidden"),
+        DatasetPathInvalidError: (422, "Dataset path not found", "dataset-path-invalid"),
+        DatasetOptionsError: (422, "Invalid dataset options", "dataset-options-invalid"),
+        DatasetError: (422, "Dataset cannot be read", "dataset-invalid"),
+    }
     try:
         return count_dataset_images(layout, root, options or {}, splits, roots)
-    except DatasetPathForbiddenError as exc:
-        detail = relative_message(str(exc), roots)
-        raise Problem(403, "Dataset path not allowed", detail, slug="dataset-path-forbidden") from exc
-    except DatasetPathInvalidError as exc:
-        detail = relative_message(str(exc), roots)
-        raise Problem(422, "Dataset path not found", detail, slug="dataset-path-invalid") from exc
-    except DatasetOptionsError as exc:
-        detail = relative_message(str(exc), roots)
-        raise Problem(422, "Invalid dataset options", detail, slug="dataset-options-invalid") from exc
-    except DatasetError as exc:
-        detail = relative_message(str(exc), roots)
-        raise Problem(422, "Dataset cannot be read", detail, slug="dataset-invalid") from exc
+    except tuple(refusals) as exc:
+        status, title, slug = next(v for cls, v in refusals.items() if isinstance(exc, cls))
+        raise Problem(status, title, relative_message(str(exc), roots), slug=slug) from exc
     except (ValueError, OSError, RuntimeError) as exc:
         # What resolving a client's path can raise: a NUL byte, a name too long, a symbolic-link
         # loop. The client's mistake, not the server's; the OS message is not echoed.
