@@ -141,6 +141,8 @@ class DenoisingLayer:
     _loss_sum: torch.Tensor | None
     #: The pure fusion of this layer: (W, b, D, d, c1=, c3=) -> (W', b').
     _fuse: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+    #: ``D x + d`` on the feature the denoiser reads (each layer class defines it).
+    predict_noise: Callable[[torch.Tensor], torch.Tensor]
 
     def _adopt(
         self,
@@ -239,10 +241,6 @@ class DenoisingLayer:
         """The summed noise-prediction loss of the train forwards since the last call, then reset."""
         loss, self._loss_sum = self._loss_sum, None
         return loss
-
-    def predict_noise(self, x: torch.Tensor) -> torch.Tensor:
-        """``D x + d`` on the feature the denoiser reads."""
-        raise NotImplementedError
 
     def denoise(self, x: torch.Tensor) -> torch.Tensor:
         """One posterior-mean reverse step ``c3 x - c1 (D x + d)``, in the residual form.
