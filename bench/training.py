@@ -32,7 +32,7 @@ log = logging.getLogger("bench.training")
 DEFAULT_OUT = Path(__file__).parent / "results" / "training-cpu.json"
 
 
-VARIANTS = ("plain", "joint", "backbone", "denoiser")
+VARIANTS = ("plain", "joint", "backbone", "backbone-unfolded", "denoiser")
 
 
 def _step_throughput(
@@ -41,9 +41,11 @@ def _step_throughput(
     """Images/s of full training steps of one variant on random data (after one warm-up step).
 
     ``plain``: the unconverted model, ID + triplet. ``joint``: converted, task loss + 0.1 x the
-    denoising loss, both optimisers step. ``backbone``: a backbone-phase step (task loss through the
-    fused weights, denoisers frozen). ``denoiser``: a denoiser-phase step (backbone under no_grad,
-    the denoising loss alone, only the denoisers' Adam steps).
+    denoising loss, both optimisers step. ``backbone``: a backbone-phase step as the trainer runs
+    it (denoisers frozen and folded into the weights, ``denoiserep.fold_backbone``);
+    ``backbone-unfolded``: the same with the fused weights rebuilt every step. ``denoiser``: a
+    denoiser-phase step (backbone under no_grad, the denoising loss alone, only the denoisers' Adam
+    steps).
     """
     from training import denoiserep
     from training.config import DenoiseRepConfig
@@ -56,7 +58,10 @@ def _step_throughput(
         denoiserep.convert(model.backbone)
         # What the trainer does: the denoising loss on at most denoiserep.loss_rows rows per layer.
         denoiserep.set_loss_rows(model.backbone, DenoiseRepConfig().loss_rows)
-        denoiserep.set_phase(model.backbone, "joint" if variant == "joint" else variant)
+        phase = variant.removesuffix("-unfolded")
+        denoiserep.set_phase(model.backbone, "joint" if variant == "joint" else phase)
+        if variant == "backbone":
+            denoiserep.fold(model.backbone)
         model.to(device)
     cnn_cuda = device.type == "cuda" and model.is_cnn
     if cnn_cuda:
@@ -66,7 +71,7 @@ def _step_throughput(
     )
     backbone_params = [p for p in model.parameters() if p.requires_grad and id(p) not in denoisers]
     optimizers: list[torch.optim.Optimizer] = []
-    if variant in ("plain", "joint", "backbone"):
+    if variant in ("plain", "joint", "backbone", "backbone-unfolded"):
         optimizers.append(torch.optim.SGD(backbone_params, lr=1e-3, momentum=0.9))
     if variant in ("joint", "denoiser"):
         optimizers.append(torch.optim.Adam(denoiserep.denoiser_parameters(model.backbone), lr=1e-3))

@@ -172,6 +172,10 @@ class DenoiseRepConfig:
         loss_rows: the denoising loss of each layer is estimated on at most this many tokens /
             pixels per forward, drawn uniformly (unbiased); ``None``: all of them. A CNN's early
             layers have ~10^5 pixels per batch, where the full loss costs several convs.
+        fold_backbone: in a backbone phase, fold the frozen denoisers into the weights and train
+            plain layers (a plain step's cost; see ``training/denoiserep/folding.py``). The
+            optimiser then steps W' instead of W, which differs by a factor ``M^T M`` within ~1e-3
+            of the identity; ``false`` keeps the original parametrisation (and its cost).
     """
 
     layers: Literal["auto", "mlp", "linear", "conv"] = "auto"
@@ -187,6 +191,7 @@ class DenoiseRepConfig:
     lr: float | None = None
     denoiser_lr: float = 1e-3
     loss_rows: int | None = 4096
+    fold_backbone: bool = True
     warmup_epochs: float = 0.0
 
 

@@ -534,6 +534,10 @@ class Trainer:
         finally:
             if self._tb is not None:
                 self._tb.close()
+            if self.dr_settings is not None:
+                from training import denoiserep
+
+                denoiserep.unfold(model.backbone)  # the caller gets the layers' own (W, b) back
         result = RunResult(
             run_dir=self.run_dir,
             stage=cfg.train.stage,
@@ -600,7 +604,9 @@ class Trainer:
             return
         from training import denoiserep
 
-        denoiserep.set_phase(self.model.backbone, phase)
+        denoiserep.set_phase(self.model.backbone, phase)  # unfolds for a phase that trains D
+        if phase == "backbone" and self.cfg.denoiserep.fold_backbone:
+            denoiserep.fold(self.model.backbone)
         head_trains = phase != "denoiser"
         self.model.bnneck.weight.requires_grad_(head_trains)
         if self.model.classifier is not None:

@@ -15,7 +15,9 @@ The maths is in ``DESIGN.md`` section 4. Typical use::
         model(images)                                # the backbone needs no autograd here
     denoise_loss(model).backward(); denoiser_opt.step()
     set_phase(model, "backbone")                     # the task loss through the fused weights
+    fold(model)                                      # optional: plain-layer cost for the phase
     task_loss(model(images), labels).backward(); backbone_opt.step()
+    unfold(model)                                    # set_phase("denoiser") would do it too
     calibrate(model, unlabelled_batches)             # or: D, d at their closed-form optimum, one pass
     plain = fuse(model)                              # a new plain timm model; `model` is untouched
 
@@ -71,6 +73,10 @@ Design decisions (each one fixes a pitfall of the public reference code):
   defined only for ``layers="mlp"``
   with two converted Linear layers per block, and refused otherwise. Every t must be <= T.
 - **Phases.** ``set_phase`` flips ``requires_grad`` only; Parameter objects are never replaced.
+- **Training cost** (:mod:`.folding`, issue 13). A backbone phase can ``fold`` the frozen denoisers
+  into the weights (in place, float64 maths) and train plain layers, then ``unfold`` recovers W;
+  checkpoints always hold the unfolded (W, b). Unfolded train forwards take whichever of the two
+  exact roads is cheaper for the batch: fused weights, or the denoised rows / pixels.
 """
 
 from __future__ import annotations
@@ -93,11 +99,13 @@ from .network import (
     denoiser_parameters,
     denoising_layers,
     describe,
+    fold,
     fuse,
     is_converted,
     set_loss_rows,
     set_phase,
     summarize_changes,
+    unfold,
     weight_changes,
 )
 from .schedule import DiffusionSchedule, StepCoefficients
@@ -119,6 +127,7 @@ __all__ = [
     "denoiser_parameters",
     "denoising_layers",
     "describe",
+    "fold",
     "fuse",
     "fuse_conv_input_parameters",
     "fuse_conv_parameters",
@@ -127,5 +136,6 @@ __all__ = [
     "set_loss_rows",
     "set_phase",
     "summarize_changes",
+    "unfold",
     "weight_changes",
 ]

@@ -22,6 +22,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import DenoiseRepError
+from .folding import (
+    MAX_STEP_DEVIATION,
+    step_deviation,
+    unfuse_conv_input_parameters,
+    unfuse_conv_parameters,
+    unfuse_linear_parameters,
+)
 from .schedule import StepCoefficients
 
 
@@ -139,10 +146,13 @@ class DenoisingLayer:
     bias: nn.Parameter | None
     training: bool
     _loss_sum: torch.Tensor | None
-    #: The pure fusion of this layer: (W, b, D, d, c1=, c3=) -> (W', b').
+    #: The pure fusion of this layer: (W, b, D, d, c1=, c3=) -> (W', b'), and its inverse.
     _fuse: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
-    #: ``D x + d`` on the feature the denoiser reads (each layer class defines it).
-    predict_noise: Callable[[torch.Tensor], torch.Tensor]
+    _unfuse: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+    #: ``D x + d`` on the feature the denoiser reads, for given (D, d) (each layer class defines it).
+    _apply_denoiser: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+    #: True while ``weight`` and ``bias`` hold the fused (W', b') (see :mod:`.folding`).
+    folded: bool
 
     def _adopt(
         self,
@@ -164,6 +174,7 @@ class DenoisingLayer:
         self._init_denoiser(denoiser_shape, bias_shape)
         #: Rows of the denoising loss per forward (None: all); see network.set_loss_rows.
         self.loss_rows: int | None = None
+        self.folded = False
         self.train(source.training)  # type: ignore[attr-defined]
 
     def _init_denoiser(self, denoiser_shape: tuple[int, ...], bias_shape: tuple[int, ...] | None) -> None:
@@ -190,7 +201,12 @@ class DenoisingLayer:
 
         With ``dtype`` None (the training forward): differentiable in W and b, with (D, d) detached so
         that the task loss never trains the denoisers. Otherwise computed in ``dtype``, all detached.
+        A folded layer holds (W', b') itself.
         """
+        if self.folded:
+            if dtype is None:
+                return self.weight, self.bias
+            return self._stored_parameters(dtype)[:2]
         denoiser = tuple(
             None if t is None else t.detach() for t in (self.denoiser_weight, self.denoiser_bias)
         )
@@ -199,11 +215,95 @@ class DenoisingLayer:
             tensors = tuple(None if t is None else t.detach().to(dtype) for t in tensors)
         return self._fuse(*tensors, c1=self.step.c1, c3=self.step.c3)
 
+    def base_parameters(self, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The layer's own (W, b) in ``dtype``, detached; recovered from (W', b') while folded."""
+        weight, bias, *denoiser = self._stored_parameters(dtype)
+        if not self.folded:
+            return weight, bias
+        return self._unfuse(weight, bias, *denoiser, c1=self.step.c1, c3=self.step.c3)
+
+    def _stored_parameters(self, dtype: torch.dtype) -> tuple[torch.Tensor | None, ...]:
+        """(weight, bias, D, d) as stored, detached and cast to ``dtype``."""
+        stored = (self.weight, self.bias, self.denoiser_weight, self.denoiser_bias)
+        return tuple(None if t is None else t.detach().to(dtype) for t in stored)
+
     def weight_change(self) -> float:
         """``||W' - W|| / ||W||`` in float64: how much the fused step changes this layer's weight."""
         fused, _ = self.fused_parameters(torch.float64)
-        weight = self.weight.detach().to(torch.float64)
+        weight, _ = self.base_parameters(torch.float64)
         return float((fused - weight).norm() / weight.norm().clamp_min(1e-300))
+
+    def fold(self) -> bool:
+        """Store (W', b') in ``weight`` and ``bias`` in place, for a backbone phase (see :mod:`.folding`).
+
+        Returns:
+            True when the layer is folded; False (left unchanged, still exact) when its step matrix
+            is too far from the identity for a safe round trip.
+
+        Raises:
+            DenoiseRepError: the denoiser trains (folding would freeze it in the weights).
+        """
+        if self.folded:
+            return True
+        if self.denoiser_weight.requires_grad:
+            raise DenoiseRepError(
+                "cannot fold a layer whose denoiser trains: set_phase(model, 'backbone') first"
+            )
+        if step_deviation(self.denoiser_weight, self.step.c1, self.step.c3) > MAX_STEP_DEVIATION:
+            return False
+        self._store(*self.fused_parameters(torch.float64))
+        self.folded = True
+        return True
+
+    def unfold(self) -> None:
+        """Put the layer's own (W, b), recovered in float64, back into ``weight`` and ``bias``."""
+        if not self.folded:
+            return
+        self._store(*self.base_parameters(torch.float64))
+        self.folded = False
+
+    def _store(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        # In place: the optimiser (and DDP) hold these very Parameter objects.
+        with torch.no_grad():
+            self.weight.copy_(weight)
+            if bias is not None:
+                assert self.bias is not None
+                self.bias.copy_(bias)
+
+    def _forward_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(W', b') for a forward of the folded layer; refuses a denoiser that would train unseen."""
+        if self.denoiser_weight.requires_grad:
+            raise DenoiseRepError(
+                "this layer is folded (backbone phase) but its denoiser requires grad: call "
+                "denoiserep.unfold(model) (set_phase does) before training the denoisers"
+            )
+        return self.weight, self.bias
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        # Checkpoints always hold the layer's own (W, b): a folded layer writes them unfolded, so a
+        # checkpoint taken during a backbone phase loads into a fresh converted model unchanged.
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # type: ignore[misc]
+        if self.folded:
+            weight, bias = self.base_parameters(torch.float64)
+            destination[prefix + "weight"] = weight.to(self.weight.dtype)
+            if bias is not None:
+                assert self.bias is not None
+                destination[prefix + "bias"] = bias.to(self.bias.dtype)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object) -> None:
+        if self.folded:
+            raise DenoiseRepError("cannot load into a folded layer: denoiserep.unfold(model) first")
+        super()._load_from_state_dict(state_dict, prefix, *args)  # type: ignore[misc]
+
+    def predict_noise(self, x: torch.Tensor) -> torch.Tensor:
+        """``D x + d`` with the trainable (D, d), on the feature the denoiser reads."""
+        return self._apply_denoiser(x, self.denoiser_weight, self.denoiser_bias)
+
+    def _frozen_denoise(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`denoise` with (D, d) detached: the task loss's road through the denoiser."""
+        bias = None if self.denoiser_bias is None else self.denoiser_bias.detach()
+        noise = self._apply_denoiser(x, self.denoiser_weight.detach(), bias)
+        return x - self.step.c1 * noise + (self.step.c3 - 1.0) * x
 
     def _records_loss(self) -> bool:
         # Only while the denoiser trains (denoiser and joint phases, label-free stage); in a backbone
@@ -271,11 +371,14 @@ class DenoisingLinear(DenoisingLayer, nn.Linear):
     """A Linear layer with an input-side denoiser ``eps(x) = D x + d``; D is (in, in).
 
     Eval forward (the explicit, unfused maths): ``W denoise(x) + b``. Train forward: the Linear with
-    fused parameters, recording the noise-prediction loss on the detached input while D trains.
-    Works on any input whose last dimension is the feature (2-D, 3-D tokens...).
+    fused parameters (or, with fewer rows than outputs, on the denoised rows: the same function),
+    recording the noise-prediction loss on the detached input while D trains. A folded layer (a
+    backbone phase) is a plain Linear on (W', b'). Works on any input whose last dimension is the
+    feature (2-D, 3-D tokens...).
     """
 
     _fuse = staticmethod(fuse_linear_parameters)
+    _unfuse = staticmethod(unfuse_linear_parameters)
 
     def __init__(self, source: nn.Linear, step: StepCoefficients, settings: dict) -> None:
         # Built on the meta device so no throw-away weight is allocated; the real ones are the source's.
@@ -283,14 +386,21 @@ class DenoisingLinear(DenoisingLayer, nn.Linear):
         n = self.in_features
         self._adopt(source, step, settings, (n, n), None if source.bias is None else (n,))
 
-    def predict_noise(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.denoiser_weight, self.denoiser_bias)
+    @staticmethod
+    def _apply_denoiser(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.folded:
+            return F.linear(x, *self._forward_parameters())
         if not self.training:
             return F.linear(self.denoise(x), self.weight, self.bias)
         if self._records_loss():
             self._record_noise_loss(x, -1)
+        # Two exact roads to W (c3 x - c1 (D x + d)) + b: denoise the rows (rows x in^2 multiply-adds)
+        # or fuse the weights (out x in^2); with fewer rows than outputs the rows are cheaper.
+        if x.numel() // self.in_features < self.out_features:
+            return F.linear(self._frozen_denoise(x), self.weight, self.bias)
         weight, bias = self.fused_parameters()
         return F.linear(x, weight, bias)
 
@@ -313,8 +423,10 @@ class DenoisingConv2d(DenoisingLayer, nn.Conv2d):
     conv has a bias, ``denoise(conv(x))``; a train-mode BatchNorm right after it cancels c3 and the
     diagonal of D (only cross-channel mixing survives), so it is an explicit option only.
 
-    Train forward: the conv with fused parameters, recording the noise-prediction loss on the
-    detached input (input side) or on the clean conv output, recomputed without autograd (output side).
+    Train forward: the conv with fused parameters (input side: or on the denoised input where that
+    is cheaper, the same function), recording the noise-prediction loss on the detached input (input
+    side) or on the clean conv output, recomputed without autograd (output side). A folded layer (a
+    backbone phase) is a plain conv on (W', b').
     """
 
     def __init__(
@@ -351,12 +463,22 @@ class DenoisingConv2d(DenoisingLayer, nn.Conv2d):
         fuse = fuse_conv_input_parameters if self.side == "input" else fuse_conv_parameters
         return fuse(*tensors, c1=c1, c3=c3)  # type: ignore[arg-type]
 
-    def predict_noise(self, x: torch.Tensor) -> torch.Tensor:
+    def _unfuse(
+        self, *tensors: torch.Tensor | None, c1: float, c3: float
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        unfuse = unfuse_conv_input_parameters if self.side == "input" else unfuse_conv_parameters
+        return unfuse(*tensors, c1=c1, c3=c3)  # type: ignore[arg-type]
+
+    def _apply_denoiser(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
         """``D x + d`` per pixel, as a grouped 1x1 conv over the channels the denoiser reads."""
-        kernel = self.denoiser_weight.reshape(-1, self.denoiser_weight.shape[-1], 1, 1)
-        return F.conv2d(x, kernel, self.denoiser_bias, groups=self.groups)
+        kernel = weight.reshape(-1, weight.shape[-1], 1, 1)
+        return F.conv2d(x, kernel, bias, groups=self.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.folded:
+            return self._conv_forward(x, *self._forward_parameters())
         if not self.training:
             if self.side == "input":
                 return self._conv_forward(self.denoise(x), self.weight, self.bias)
@@ -369,8 +491,21 @@ class DenoisingConv2d(DenoisingLayer, nn.Conv2d):
                 with torch.no_grad():
                     clean = self._conv_forward(x, self.weight, self.bias)
                 self._record_noise_loss(clean, 1)
+        if self.side == "input" and self._denoising_input_is_cheaper(x):
+            return self._conv_forward(self._frozen_denoise(x), self.weight, self.bias)
         weight, bias = self.fused_parameters()
         return self._conv_forward(x, weight, bias)
+
+    def _denoising_input_is_cheaper(self, x: torch.Tensor) -> bool:
+        """Whether ``conv(denoise(x))`` costs fewer multiply-adds than fusing the weights.
+
+        Denoising the pixels costs ``pixels x in x in/g``, fusing ``out x kh x kw x in/g x in/g``
+        (both then run the same conv): the pixels win where ``pixels x g < out x kh x kw``, the deep
+        layers of a CNN at a small batch (ResNet-50's 2048-channel layer4 inputs at batch 8).
+        """
+        pixels = x.numel() // self.in_channels
+        kh, kw = self.kernel_size
+        return pixels * self.groups < self.out_channels * kh * kw
 
     def plain_layer(self) -> nn.Module:
         weight, bias = self.fused_parameters(torch.float64)

@@ -199,6 +199,7 @@ def set_phase(model: nn.Module, phase: str) -> None:
 
     Only ``requires_grad`` flips, on every parameter of ``model``; no Parameter is replaced, so an
     optimiser built once serves every phase (frozen parameters get no gradient and are skipped).
+    A phase that trains the denoisers first unfolds any folded layer (see :func:`fold`).
     BatchNorm running statistics still update in train mode; put those layers in eval mode if a
     phase must not touch them.
 
@@ -209,9 +210,46 @@ def set_phase(model: nn.Module, phase: str) -> None:
         raise DenoiseRepError(f"unknown phase={phase!r}: use one of {', '.join(map(repr, PHASES))}")
     denoisers = {id(p) for p in denoiser_parameters(model)}
     train_denoisers = phase in ("denoiser", "joint")
+    if train_denoisers:
+        unfold(model)
     train_backbone = phase in ("backbone", "joint")
     for p in model.parameters():
         p.requires_grad_(train_denoisers if id(p) in denoisers else train_backbone)
+
+
+def fold(model: nn.Module) -> int:
+    """Fold every frozen denoiser into its layer's weights for a backbone phase (see :mod:`.folding`).
+
+    The folded model computes the same function with plain layers, so a backbone step costs what a
+    plain step does; ``state_dict``, ``fuse``, ``describe`` and ``weight_changes`` read the layers'
+    own (W, b) as if unfolded. Layers whose step matrix is too far from the identity stay unfolded.
+
+    Returns:
+        How many layers are folded now.
+
+    Raises:
+        DenoiseRepError: ``model`` was never converted, or its denoisers train (phase "backbone" first).
+    """
+    layers = _require_layers(model, "fold")
+    folded = sum(layer.fold() for _, layer in layers)
+    if folded < len(layers):
+        logger.warning(
+            "DenoiseRep folded %d of %d layers: the others' step matrices are too far from the "
+            "identity (a strong beta_T or a large D); they train unfolded, exactly but slower",
+            folded,
+            len(layers),
+        )
+    return folded
+
+
+def unfold(model: nn.Module) -> None:
+    """Undo :func:`fold`: every layer holds its own (W, b) again, recovered in float64.
+
+    Raises:
+        DenoiseRepError: ``model`` was never converted.
+    """
+    for _, layer in _require_layers(model, "unfold"):
+        layer.unfold()
 
 
 def set_loss_rows(model: nn.Module, rows: int | None) -> None:
