@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -312,14 +312,20 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
     """
     config_file = config_file or os.environ.get(CONFIG_ENV_VAR)
     values = {k: v for k, v in overrides.items() if v is not None}
-    if not config_file:
-        return Settings(**values)
-    path = Path(config_file).expanduser()
-    if not path.is_file():
-        raise SettingsError(f"settings file {path} does not exist: fix --config or ${CONFIG_ENV_VAR}")
-    if path.name.endswith(".env"):
-        return Settings(_env_file=path, **values)  # type: ignore[call-arg]
-    file_settings = type(
-        "FileSettings", (Settings,), {"model_config": {**Settings.model_config, "yaml_file": path}}
-    )
-    return file_settings(**values)
+    path = Path(config_file).expanduser() if config_file else None
+    try:
+        if path is None:
+            return Settings(**values)
+        if not path.is_file():
+            raise SettingsError(f"settings file {path} does not exist: fix --config or ${CONFIG_ENV_VAR}")
+        if path.name.endswith(".env"):
+            return Settings(_env_file=path, **values)  # type: ignore[call-arg]
+        file_settings = type(
+            "FileSettings", (Settings,), {"model_config": {**Settings.model_config, "yaml_file": path}}
+        )
+        return file_settings(**values)
+    except ValidationError as exc:
+        # Pydantic's report names fields and error types; the operator set REID_... variables.
+        from service.settings_errors import describe
+
+        raise SettingsError(describe(exc, Settings, overrides=values, config_file=path)) from None
