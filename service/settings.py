@@ -181,6 +181,12 @@ class Settings(BaseSettings):
         description="Origins allowed to call the API from a browser (CORS); empty: CORS off.",
     )
     docs_enabled: bool = Field(True, description="Serve the API documentation at /docs and /openapi.json.")
+    idempotency_ttl_s: float = Field(
+        24 * 3600.0,
+        gt=0,
+        description="Seconds an Idempotency-Key's answer is replayed to retries (then the key is new "
+        "again and its row is purged); default 24 h, as Stripe keeps them.",
+    )
 
     max_k: int = Field(100, ge=1, description="Largest k a search may ask for.")
     default_k: int = Field(10, ge=1)
