@@ -153,6 +153,18 @@ def test_a_retry_after_a_500_that_followed_the_commit_returns_the_committed_item
     assert [item["id"] for item in listed] == committed[0]
 
 
+def test_a_malformed_key_is_refused_and_the_header_is_documented(app_client: TestClient) -> None:
+    client = app_client
+    gid = gallery(client)
+    for bad in ("x" * 201, "   "):
+        r = post_upload(client, gid, bad)
+        assert r.status_code == 400 and r.json()["type"].endswith("/idempotency-key"), r.text
+    assert count(client, gid) == 0
+    operation = client.get("/openapi.json").json()["paths"]["/v1/galleries/{gallery_id}/items"]["post"]
+    header = next(p for p in operation["parameters"] if p["name"] == "Idempotency-Key")
+    assert header["in"] == "header" and "REID_IDEMPOTENCY_TTL_S" in header["description"]
+
+
 # ------------------------------------------------------------------------------------ migration 0003
 
 
