@@ -25,7 +25,17 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy import select
 
 from index import faiss_gpu
-from service.api import evaluation_views, evaluations, galleries, health, items, jobs, models, search
+from service.api import (
+    evaluation_views,
+    evaluations,
+    galleries,
+    health,
+    idempotency,
+    items,
+    jobs,
+    models,
+    search,
+)
 from service.db import migrate
 from service.db.session import create_db_engine, make_session_factory, transaction
 from service.db.tables import ModelRow
@@ -209,6 +219,28 @@ async def _snapshot_loop(state: ServiceState) -> None:
             logger.exception("periodic snapshot failed")
 
 
+#: How often expired Idempotency-Key answers are deleted (and once at start-up).
+IDEMPOTENCY_PURGE_INTERVAL_S = 3600.0
+
+
+def _purge_idempotency_keys(state: ServiceState) -> None:
+    with transaction(state.sessions) as session:
+        purged = idempotency.purge_expired(session, state.settings.idempotency_ttl_s)
+    if purged:
+        logger.info("purged %d expired Idempotency-Key answers", purged)
+
+
+async def _idempotency_purge_loop(state: ServiceState) -> None:
+    # A timer rather than a purge per request: requests stay free of bulk deletes, and a lookup
+    # ignores expired answers anyway, so rows that outlive their TTL by an hour change nothing.
+    while True:
+        await asyncio.sleep(IDEMPOTENCY_PURGE_INTERVAL_S)
+        try:
+            await anyio.to_thread.run_sync(_purge_idempotency_keys, state)
+        except Exception:
+            logger.exception("purging expired Idempotency-Key answers failed")
+
+
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
@@ -222,7 +254,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     state.jobs = runner
     runner.start()
+    await anyio.to_thread.run_sync(_purge_idempotency_keys, state)  # what expired while it was down
     snapshots = asyncio.create_task(_snapshot_loop(state), name="index-snapshots")
+    purges = asyncio.create_task(_idempotency_purge_loop(state), name="idempotency-purge")
     state.readiness = {"models": True, "indexes": True, "jobs": True}
     state.ready = True
     app.state.service = state
@@ -231,9 +265,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         state.ready = False
-        snapshots.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await snapshots
+        for task in (snapshots, purges):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await anyio.to_thread.run_sync(runner.stop)
         for runtime in state.models:
             await runtime.batcher.stop()

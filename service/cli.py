@@ -16,7 +16,11 @@ def _settings(config: Path | None, **overrides: Any) -> Any:
     try:
         return load_settings(config, **overrides)
     except (SettingsError, ValueError) as exc:
-        raise typer.BadParameter(str(exc)) from exc
+        # Plain lines, not Click's usage box: the box wraps "REID_..." messages mid-word and the
+        # usage it prints does not help with an environment variable.
+        for line in str(exc).splitlines():
+            typer.echo(f"error: {line}", err=True)
+        raise typer.Exit(2) from None
 
 
 def serve(

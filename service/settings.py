@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -181,6 +181,12 @@ class Settings(BaseSettings):
         description="Origins allowed to call the API from a browser (CORS); empty: CORS off.",
     )
     docs_enabled: bool = Field(True, description="Serve the API documentation at /docs and /openapi.json.")
+    idempotency_ttl_s: float = Field(
+        24 * 3600.0,
+        gt=0,
+        description="Seconds an Idempotency-Key's answer is replayed to retries (then the key is new "
+        "again and its row is purged); default 24 h, as Stripe keeps them.",
+    )
 
     max_k: int = Field(100, ge=1, description="Largest k a search may ask for.")
     default_k: int = Field(10, ge=1)
@@ -312,14 +318,20 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
     """
     config_file = config_file or os.environ.get(CONFIG_ENV_VAR)
     values = {k: v for k, v in overrides.items() if v is not None}
-    if not config_file:
-        return Settings(**values)
-    path = Path(config_file).expanduser()
-    if not path.is_file():
-        raise SettingsError(f"settings file {path} does not exist: fix --config or ${CONFIG_ENV_VAR}")
-    if path.name.endswith(".env"):
-        return Settings(_env_file=path, **values)  # type: ignore[call-arg]
-    file_settings = type(
-        "FileSettings", (Settings,), {"model_config": {**Settings.model_config, "yaml_file": path}}
-    )
-    return file_settings(**values)
+    path = Path(config_file).expanduser() if config_file else None
+    try:
+        if path is None:
+            return Settings(**values)
+        if not path.is_file():
+            raise SettingsError(f"settings file {path} does not exist: fix --config or ${CONFIG_ENV_VAR}")
+        if path.name.endswith(".env"):
+            return Settings(_env_file=path, **values)  # type: ignore[call-arg]
+        file_settings = type(
+            "FileSettings", (Settings,), {"model_config": {**Settings.model_config, "yaml_file": path}}
+        )
+        return file_settings(**values)
+    except ValidationError as exc:
+        # Pydantic's report names fields and error types; the operator set REID_... variables.
+        from service.settings_errors import describe
+
+        raise SettingsError(describe(exc, Settings, overrides=values, config_file=path)) from None

@@ -27,7 +27,14 @@ PACKAGE_LAYERS: dict[str, int] = {
 
 #: Inside ``service``, the same rule between these layers (a module belongs to its longest prefix).
 SERVICE_LAYERS: tuple[tuple[str, ...], ...] = (
-    ("service.db", "service.imaging", "service.settings", "service.evaluation_files", "service.client"),
+    (
+        "service.db",
+        "service.imaging",
+        "service.settings",
+        "service.settings_errors",
+        "service.evaluation_files",
+        "service.client",
+    ),
     ("service.http",),
     ("service.embedder", "service.gallery_index", "service.item_writer"),
     ("service.state",),

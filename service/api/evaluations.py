@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Depends, Header, Query
+from fastapi import APIRouter, Depends, Query
 from sqlalchemy import select
 
 from service.api import idempotency
@@ -50,9 +50,8 @@ def evaluation_out(ev: Evaluation) -> EvaluationOut:
 async def create_evaluation(
     body: EvaluationCreate,
     state: State,
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+    key: Annotated[idempotency.Claim | None, Depends(idempotency.claim)] = None,
 ) -> Any:
-    key = idempotency.check_key(idempotency_key)
     runtime = resolve_model(state, body.model, body.version)
     check_layout(body.dataset.layout)
     protocol = body.protocol or ("vehicleid" if body.dataset.layout.lower() == "vehicleid" else "market1501")

@@ -2,20 +2,30 @@
 
 The key is stored in the same transaction as the resource it created, with a fingerprint of the
 request; a retry with the same key and the same request replays the stored status, body and
-``Location``, and the same key with a different request is refused (422).
+``Location``, and the same key with a different request is refused (422). Because the answer is
+committed with the resource, a retry after a failure that came later (the commit succeeded, the
+response did not reach the client or was a 500) replays what was committed.
+
+Keys belong to the caller (its API key; one anonymous caller when authentication is off) and
+expire after the ``idempotency_ttl_s`` setting: an expired key is a new request. Expired rows are
+purged at start-up and then hourly (:func:`purge_expired`, run by the app), and an expired row is
+replaced when its key is used again.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from sqlalchemy import select
+from fastapi import Header, Request
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from service.db.tables import IdempotencyKey
+from service.db.tables import IdempotencyKey, utcnow
+from service.http.auth import request_principal
 from service.http.problems import Problem
 
 MAX_KEY_LENGTH = 200
@@ -33,6 +43,19 @@ class StoredResponse:
     location: str | None
 
 
+@dataclass(frozen=True)
+class Claim:
+    """An ``Idempotency-Key`` as one caller sent it, and how long its answer is kept."""
+
+    key: str
+    caller: str
+    ttl_s: float
+
+    def cutoff(self) -> dt.datetime:
+        """Answers stored before this time are expired."""
+        return utcnow() - dt.timedelta(seconds=self.ttl_s)
+
+
 def check_key(key: str | None) -> str | None:
     if key is None:
         return None
@@ -47,12 +70,47 @@ def check_key(key: str | None) -> str | None:
     return key
 
 
-def lookup(session: Session, key: str, scope: str, request_hash: str) -> StoredResponse | None:
-    """The stored answer for (key, scope), or None; raises 422 if the key was used for another request."""
-    row = session.scalar(
-        select(IdempotencyKey).where(IdempotencyKey.key == key, IdempotencyKey.scope == scope)
+def caller_of(request: Request) -> str:
+    """Who owns the keys of this request: ``key:ID`` of its API key, or ``anonymous`` (auth off)."""
+    principal = request_principal(request)
+    return f"key:{principal.key_id}" if principal is not None and principal.key_id else "anonymous"
+
+
+def claim(
+    request: Request,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            description="A retry with the same key (and the same API key) replays the first answer "
+            "instead of doing the request again; kept for REID_IDEMPOTENCY_TTL_S (default 24 h).",
+        ),
+    ] = None,
+) -> Claim | None:
+    """The request's claim (a FastAPI dependency), or None when it sent no ``Idempotency-Key``."""
+    key = check_key(idempotency_key)
+    if key is None:
+        return None
+    return Claim(key, caller_of(request), request.app.state.settings.idempotency_ttl_s)
+
+
+def _row(session: Session, claim: Claim, scope: str) -> IdempotencyKey | None:
+    return session.scalar(
+        select(IdempotencyKey).where(
+            IdempotencyKey.key == claim.key,
+            IdempotencyKey.scope == scope,
+            IdempotencyKey.caller == claim.caller,
+        )
     )
-    if row is None:
+
+
+def lookup(session: Session, claim: Claim, scope: str, request_hash: str) -> StoredResponse | None:
+    """The stored, unexpired answer of this caller's key on this route, or None.
+
+    Raises 422 if the caller used the key for another request.
+    """
+    row = _row(session, claim, scope)
+    if row is None or row.created_at < claim.cutoff():
         return None
     if row.request_hash != request_hash:
         raise Problem(
@@ -67,7 +125,7 @@ def lookup(session: Session, key: str, scope: str, request_hash: str) -> StoredR
 
 def remember(
     session: Session,
-    key: str,
+    claim: Claim,
     scope: str,
     request_hash: str,
     status_code: int,
@@ -75,13 +133,26 @@ def remember(
     location: str | None,
 ) -> None:
     """Store the answer in the caller's transaction (committed with the resource it describes)."""
+    expired = _row(session, claim, scope)
+    if expired is not None and expired.created_at < claim.cutoff():
+        # The key is being used anew: its old answer makes way (the unique constraint holds one).
+        session.delete(expired)
+        session.flush()
     session.add(
         IdempotencyKey(
-            key=key,
+            key=claim.key,
             scope=scope,
+            caller=claim.caller,
             request_hash=request_hash,
             status_code=status_code,
             response=body,
             location=location,
         )
     )
+
+
+def purge_expired(session: Session, ttl_s: float) -> int:
+    """Delete every answer older than ``ttl_s`` seconds (in the caller's transaction); how many."""
+    cutoff = utcnow() - dt.timedelta(seconds=ttl_s)
+    result = session.execute(delete(IdempotencyKey).where(IdempotencyKey.created_at < cutoff))
+    return int(getattr(result, "rowcount", 0) or 0)

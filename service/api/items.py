@@ -6,7 +6,7 @@ import asyncio
 from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Depends, File, Form, Header, Query, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile
 from fastapi.responses import FileResponse, JSONResponse
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -85,9 +85,8 @@ async def add_items(
     captured_at: Annotated[
         list[str] | None, Form(description="ISO 8601 or epoch seconds; once or per image.")
     ] = None,
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+    key: Annotated[idempotency.Claim | None, Depends(idempotency.claim)] = None,
 ) -> Any:
-    key = idempotency.check_key(idempotency_key)
     model_ids = await anyio.to_thread.run_sync(_models_of, state, gallery_id)
     uploads = await read_uploads(state, image)
     n = len(uploads)
@@ -163,7 +162,7 @@ def _write(
     gallery_id: int,
     new_items: list[NewItem],
     vectors: dict[int, Any],
-    key: str | None,
+    key: idempotency.Claim | None,
     scope: str,
     request_hash: str,
 ) -> dict[str, Any]:

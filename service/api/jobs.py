@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Depends, Header, Query
+from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -122,7 +122,7 @@ def accepted(body: dict[str, Any], location: str) -> JSONResponse:
 def create_job_idempotently(
     state: ServiceState,
     *,
-    key: str | None,
+    key: idempotency.Claim | None,
     scope: str,
     request_hash: str,
     build: Any,
@@ -175,9 +175,8 @@ async def create_ingest_job(
     gallery_id: GalleryId,
     body: IngestCreate,
     state: State,
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+    key: Annotated[idempotency.Claim | None, Depends(idempotency.claim)] = None,
 ) -> Any:
-    key = idempotency.check_key(idempotency_key)
     check_layout(body.source.layout)
     source = body.source
     count = await anyio.to_thread.run_sync(

@@ -252,14 +252,20 @@ class Evaluation(Base):
 
 
 class IdempotencyKey(Base):
-    """The stored answer to a request made with an ``Idempotency-Key`` header, replayed on retries."""
+    """The stored answer to a request made with an ``Idempotency-Key`` header, replayed on retries.
+
+    ``scope`` is the route (``POST /v1/galleries/3/items``), ``caller`` who sent it (``key:ID`` of
+    an API key, ``anonymous`` with authentication off): two callers never share a key's answer.
+    Rows older than the ``idempotency_ttl_s`` setting are expired (and purged, by ``created_at``).
+    """
 
     __tablename__ = "idempotency_keys"
-    __table_args__ = (UniqueConstraint("key", "scope"),)
+    __table_args__ = (UniqueConstraint("key", "scope", "caller"), Index(None, "created_at"))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     key: Mapped[str] = mapped_column(String(200))
     scope: Mapped[str] = mapped_column(String(300))
+    caller: Mapped[str] = mapped_column(String(64), server_default="anonymous")
     request_hash: Mapped[str] = mapped_column(String(64))
     status_code: Mapped[int] = mapped_column(Integer)
     response: Mapped[dict[str, Any]] = mapped_column(JSON)

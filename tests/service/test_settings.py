@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,7 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
         "REID_DATABASE_URL",
         "REID_INDEX_BACKEND",
         "REID_MAX_K",
+        "REID_AUTH",
     ):
         monkeypatch.delenv(name, raising=False)
 
@@ -97,7 +101,7 @@ def test_model_spec_round_trip(name: str, path: str) -> None:
     [
         (["--model", "person=/nonexistent/model"], "not an exported model directory"),
         (["--database-url", "mysql://u@h/db"], "not supported"),
-        (["--index-backend", "annoy"], "index_backend"),
+        (["--index-backend", "annoy"], "--index-backend='annoy' is not valid: expected one of auto, faiss"),
     ],
 )
 def test_reid_serve_refuses_foreseeable_mistakes_without_a_traceback(args: list[str], message: str) -> None:
@@ -128,3 +132,56 @@ def test_cli_help_keeps_every_default() -> None:
         assert default in serve.output, serve.output
     calibrate = runner.invoke(app, ["calibrate", "--help"], env={"COLUMNS": "200"})
     assert "(default: 0.002)" in calibrate.output
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"REID_PORT": "abc"}, "REID_PORT='abc' is not valid: expected an integer between 0 and 65535"),
+        ({"REID_MAX_K": "0"}, "REID_MAX_K='0' is not valid: expected an integer of at least 1"),
+        ({"REID_AUTH": "maybe"}, "REID_AUTH='maybe' is not valid: expected one of on, off, auto"),
+        ({"REID_MODELS": "a-path"}, "REID_MODELS='a-path' is not valid: model 'a-path' must be"),
+    ],
+)
+@pytest.mark.parametrize("command", [["serve"], ["db", "current"]])
+def test_a_bad_environment_variable_is_named_by_the_real_cli(
+    env: dict[str, str], expected: str, command: list[str], tmp_path: Path
+) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "reid_cli", *command],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO), "REID_DATA_DIR": str(tmp_path / "data"), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output
+    assert expected in output
+    assert "pydantic" not in output.lower() and "Traceback" not in output and "validation error" not in output
+
+
+def test_settings_errors_name_the_file_key_or_the_option(tmp_path: Path) -> None:
+    yaml_file = tmp_path / "reid.yaml"
+    yaml_file.write_text("port: x\nprot: 1\n")
+    with pytest.raises(SettingsError) as caught:
+        load_settings(yaml_file)
+    lines = str(caught.value).splitlines()
+    expected = "port='x' in the settings file reid.yaml is not valid: expected an integer between 0 and 65535"
+    assert expected in lines
+    assert any(line.startswith("prot in the settings file reid.yaml is not a setting") for line in lines)
+    assert str(tmp_path) not in str(caught.value)  # the file's name, not where it lives
+    env_file = tmp_path / "reid.env"
+    env_file.write_text("REID_BOGUS=1\n")
+    with pytest.raises(SettingsError, match=r"^REID_BOGUS in the settings file reid.env is not a setting"):
+        load_settings(env_file)
+    with pytest.raises(SettingsError, match=r"^--port=70000 is not valid: expected an integer between"):
+        load_settings(port=70000)
+    # A database URL may hold a password: the setting is named, its value never repeated.
+    with pytest.raises(SettingsError) as caught:
+        load_settings(database_url=12345)
+    message = str(caught.value)
+    assert "--database-url is not valid: expected text" in message and "12345" not in message
