@@ -15,6 +15,7 @@ from service.embedder import EmbedderBusyError, EmbedderClosedError, EmbeddingFa
 from service.http.problems import Problem
 from service.imaging.decoding import ImageError, ImageTooLargeError, UnsupportedImageError, probe_image
 from service.imaging.preparation import BatchPreparation, Prepared
+from service.imaging.processes import DecodeWorkersUnavailableError
 from service.state import ServiceState
 
 
@@ -104,6 +105,10 @@ def _raise_for_bad_image(prepared: Sequence[Prepared[str]]) -> None:
             raise Problem(413, "Image too large", p.error, slug="image-too-large")
         if isinstance(p.cause, ImageError):
             raise Problem(422, "Undecodable image", p.error, slug="undecodable-image")
+        if isinstance(p.cause, DecodeWorkersUnavailableError):
+            raise Problem(
+                503, "Shutting down", p.cause.args[0], slug="shutting-down", headers={"Retry-After": "5"}
+            )
         raise RuntimeError(f"{p.source}: {p.error}") from p.cause  # a server fault: 500, logged
 
 
