@@ -192,6 +192,14 @@ class Settings(BaseSettings):
     default_k: int = Field(10, ge=1)
     max_images_per_request: int = Field(32, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1, description="Larger images are refused (bomb guard).")
+    max_request_pixels: int = Field(
+        160_000_000,
+        ge=1,
+        description="Most pixels (width x height, summed over its images, read from their headers before "
+        "any is decoded) one request may carry; more: 413. Per-image limits alone let one small body of "
+        "highly compressible images decode to many GB. Default: 4 x max_image_pixels, so four images at "
+        "the per-image limit or 32 images of 5 megapixels pass (~0.5 GB of RGB at most).",
+    )
     max_body_bytes: int = Field(
         32 * 1024 * 1024, ge=1024, description="Largest request body (uploads included); larger: 413."
     )

@@ -13,8 +13,9 @@ from fastapi import UploadFile
 from service.api.schemas import to_utc
 from service.embedder import EmbedderBusyError, EmbedderClosedError, EmbeddingFailedError, ModelRuntime
 from service.http.problems import Problem
-from service.imaging.decoding import ImageError, ImageTooLargeError, UnsupportedImageError
+from service.imaging.decoding import ImageError, ImageTooLargeError, UnsupportedImageError, probe_image
 from service.imaging.preparation import BatchPreparation, Prepared
+from service.imaging.processes import DecodeWorkersUnavailableError
 from service.state import ServiceState
 
 
@@ -52,6 +53,7 @@ async def prepare_uploads(
     preparation = BatchPreparation(state.decoder, models, jpeg_decoder=state.settings.jpeg_decoder)
     loop = asyncio.get_running_loop()
     pool = state.decoder.pool
+    await loop.run_in_executor(pool, check_request_pixels, state, uploads)
     prepared = list(
         await asyncio.gather(
             *(
@@ -67,6 +69,32 @@ async def prepare_uploads(
     return prepared
 
 
+def check_request_pixels(state: ServiceState, uploads: Sequence[tuple[str, bytes]]) -> None:
+    """Refuse (413) a request whose images together have more pixels than ``max_request_pixels``.
+
+    Read from the headers, before any image is decoded: a few hundred KB of palette PNGs can
+    decode to several GB, each image under the per-image limit. An image whose header cannot be
+    read, or that is over the per-image limit, is left out of the sum: its own decoding names it.
+    """
+    limit = state.settings.max_request_pixels
+    total = 0
+    for name, data in uploads:
+        try:
+            info = probe_image(data, max_pixels=state.settings.max_image_pixels, name=name)
+        except ImageError:
+            continue
+        total += info.width * info.height
+    if total > limit:
+        raise Problem(
+            413,
+            "Too many pixels",
+            f"The {len(uploads)} images of this request have {total:,} pixels in all, more than the "
+            f"{limit:,} one request may carry: send fewer or smaller images per request (split them "
+            "over several requests, or downscale them first).",
+            slug="too-many-pixels",
+        )
+
+
 def _raise_for_bad_image(prepared: Sequence[Prepared[str]]) -> None:
     for p in prepared:
         if p.error is None:
@@ -77,6 +105,10 @@ def _raise_for_bad_image(prepared: Sequence[Prepared[str]]) -> None:
             raise Problem(413, "Image too large", p.error, slug="image-too-large")
         if isinstance(p.cause, ImageError):
             raise Problem(422, "Undecodable image", p.error, slug="undecodable-image")
+        if isinstance(p.cause, DecodeWorkersUnavailableError):
+            raise Problem(
+                503, "Shutting down", p.cause.args[0], slug="shutting-down", headers={"Retry-After": "5"}
+            )
         raise RuntimeError(f"{p.source}: {p.error}") from p.cause  # a server fault: 500, logged
 
 

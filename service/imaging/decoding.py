@@ -37,6 +37,14 @@ class ImageDecodeError(ImageError):
     """The bytes look like a supported format but cannot be decoded (truncated, corrupt)."""
 
 
+class DecoderCrashedError(ImageError):
+    """Decoding the image killed the decoder process twice (in two different worker processes).
+
+    Such an image is never decoded in the service process, where the same crash would take the
+    service down; it fails alone, the other images of its request or job go on.
+    """
+
+
 def sniff_format(data: bytes) -> str | None:
     """The image format from its magic number: ``JPEG``, ``PNG``, ``WEBP`` or None."""
     if data[:3] == b"\xff\xd8\xff":

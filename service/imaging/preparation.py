@@ -32,7 +32,6 @@ import torch
 from PIL import Image
 
 from service.imaging.decoding import (
-    DecodedImage,
     ImageError,
     ImageInfo,
     content_hash,
@@ -58,15 +57,16 @@ JPEG_DECODERS = ("gpu", "cpu", "pil")
 class Prepared(Generic[T]):
     """One input after the pool's work: skipped (already stored), failed (error), or ready.
 
-    A ready image has ``decoded`` (Pillow road in a thread; in a worker process only ``data`` and
-    ``info`` come back with the tensors), ``encoded`` (bytes waiting for nvJPEG) or
-    ``pixels`` (uint8 RGB CHW, waiting for the device resize); after the device stage every ready
-    image has one tensor per model in ``tensors``. ``info`` holds the header facts in every case.
+    A ready image has its ``tensors`` (the Pillow road, in a thread or a worker process),
+    ``encoded`` (bytes waiting for nvJPEG) or ``pixels`` (uint8 RGB CHW, waiting for the device
+    resize); after the device stage every ready image has one tensor per model in ``tensors``.
+    ``info`` holds the header facts and ``data`` the bytes. The decoded full-size image is never
+    kept: a 6300x6300 PNG is 119 MB of RGB, and a batch of them held until the batch is done
+    multiplied the memory of one request (issue 18); a model that needs it later decodes ``data``.
     """
 
     source: T
     content_hash: str | None = None
-    decoded: DecodedImage | None = None
     tensors: dict[int, torch.Tensor] = field(default_factory=dict)
     error: str | None = None
     skipped: bool = False
@@ -79,29 +79,21 @@ class Prepared(Generic[T]):
 
     @property
     def image_format(self) -> str:
-        if self.info is not None:
-            return self.info.format
-        return self.decoded.format if self.decoded is not None else ""
+        return self.info.format if self.info is not None else ""
 
     @property
     def width(self) -> int:
-        if self.info is not None:
-            return self.info.width
-        return self.decoded.width if self.decoded is not None else 0
+        return self.info.width if self.info is not None else 0
 
     @property
     def height(self) -> int:
-        if self.info is not None:
-            return self.info.height
-        return self.decoded.height if self.decoded is not None else 0
+        return self.info.height if self.info is not None else 0
 
     def pil_image(self, max_pixels: int) -> Image.Image:
-        """The image as RGB PIL (decoding the kept bytes of a tensor-road image when needed)."""
-        if self.decoded is None:
-            if self.data is None:
-                raise ValueError("this prepared image has neither a decoded image nor its bytes")
-            self.decoded = decode_image(self.data, max_pixels=max_pixels, name=str(self.source))
-        return self.decoded.image
+        """The image as RGB PIL, decoded from the kept bytes each time (the caller drops it when done)."""
+        if self.data is None:
+            raise ValueError("this prepared image does not have its bytes")
+        return decode_image(self.data, max_pixels=max_pixels, name=str(self.source)).image
 
     def tensor_for(
         self, model_id: int, preprocess: Callable[[Image.Image], torch.Tensor], max_pixels: int
@@ -109,7 +101,8 @@ class Prepared(Generic[T]):
         """The input of model ``model_id``, preprocessed now if the image was prepared without it.
 
         A model that joins a gallery while its images are on their way (an upgrade's standby) was
-        not among the preprocessors; its tensor is made from the kept image or bytes.
+        not among the preprocessors; its tensor is made from the kept bytes (decoded again: rare, and
+        cheaper than keeping every full-size image of a batch for it).
 
         Raises:
             ImageError: the kept bytes do not decode (only an image that took the tensor road).
@@ -178,8 +171,8 @@ def prepare_bytes(
         digest: the bytes' content hash when the caller has it already.
         processes: worker processes for the Pillow road (``ImageDecoder.processes``): when they are
             warm and every preprocessor is a model's ``preprocess``, the image is decoded and
-            preprocessed there (same tensors, same errors) and only its bytes are kept for
-            :meth:`Prepared.pil_image`; otherwise (no worker up yet, a worker died) in this thread.
+            preprocessed there (same tensors, same errors); otherwise (no worker up yet) in this
+            thread. Either way only the tensors, the header facts and the bytes are kept.
     """
     digest = digest or content_hash(data)
     if jpeg_decoder in ("gpu", "cpu") and sniff_format(data) == "JPEG":
@@ -205,13 +198,20 @@ def prepare_bytes(
         if done is not None:
             info, tensors = done
             return Prepared(source, content_hash=digest, info=info, tensors=tensors, data=data)
-        decoded = decode_image(data, max_pixels=max_pixels, name=name)
-        tensors = {model_id: fn(decoded.image) for model_id, fn in preprocessors.items()}
+        info, tensors = _decode_and_preprocess(data, name, max_pixels, preprocessors)
     except ImageError as exc:
         return Prepared(source, content_hash=digest, error=str(exc), cause=exc)
     except Exception as exc:  # a preprocessing failure is one bad image, not a failed job
         return Prepared(source, content_hash=digest, error=f"preprocessing failed: {exc}", cause=exc)
-    return Prepared(source, content_hash=digest, decoded=decoded, tensors=tensors)
+    return Prepared(source, content_hash=digest, info=info, tensors=tensors, data=data)
+
+
+def _decode_and_preprocess(
+    data: bytes, name: str, max_pixels: int, preprocessors: Mapping[int, Callable]
+) -> tuple[ImageInfo, dict[int, torch.Tensor]]:
+    """Decode, resize per model, and let the full-size image go before returning: only tensors leave."""
+    decoded = decode_image(data, max_pixels=max_pixels, name=name)
+    return decoded.info, {model_id: fn(decoded.image) for model_id, fn in preprocessors.items()}
 
 
 class DeviceBatchStage:

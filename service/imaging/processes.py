@@ -23,6 +23,10 @@ once (~2.5 s) and forks each worker from that state, so a worker starts in milli
 worker imports torch itself and owns ~370 MB (measured). The fork server lives as long as the
 service process and exits with it. As with any start method but ``fork``, the main module must be
 importable without side effects (``if __name__ == "__main__":``).
+
+A worker that dies on an image is replaced, and the image is retried once in another worker; if
+that one dies too, the image fails alone (:class:`~service.imaging.decoding.DecoderCrashedError`).
+It is never handed back to the service process, which the same decoder crash would kill.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from service.imaging.decoding import ImageInfo, decode_image
+from service.imaging.decoding import DecoderCrashedError, ImageInfo, decode_image
 from training.data.transforms import Preprocess, build_test_transform
 
 logger = logging.getLogger(__name__)
@@ -123,7 +127,11 @@ def _place(arrays: list[np.ndarray], buffer: memoryview) -> list[_Placed] | list
     return [_Placed(offset, a.dtype.str, a.shape) for a, offset in zip(arrays, offsets, strict=True)]
 
 
-def _worker_main(conn: Connection, buffer: Any) -> None:
+#: What a worker does with one image: (bytes, name, pixel limit, specs) -> header facts, arrays.
+DecodeFunction = Callable[[bytes, str, int, Sequence[Preprocess]], tuple[ImageInfo, list[np.ndarray]]]
+
+
+def _worker_main(conn: Connection, buffer: Any, decode: DecodeFunction = _decode_and_preprocess) -> None:
     """A worker's life: answer one image at a time until the pipe closes or says stop (None)."""
     # One image per process at a time: N workers already keep N cores busy.
     torch.set_num_threads(1)
@@ -143,7 +151,7 @@ def _worker_main(conn: Connection, buffer: Any) -> None:
             return
         data, name, max_pixels, specs = request
         try:
-            info, arrays = _decode_and_preprocess(data, name, max_pixels, specs)
+            info, arrays = decode(data, name, max_pixels, specs)
             reply: tuple[Any, ...] = ("ok", info, _place(arrays, view))
         except Exception as exc:
             reply = ("error", exc)
@@ -162,6 +170,10 @@ def _worker_main(conn: Connection, buffer: Any) -> None:
 
 class _WorkerDiedError(Exception):
     """The worker's pipe broke: the process died (killed, out of memory) or was stopped."""
+
+
+class DecodeWorkersUnavailableError(RuntimeError):
+    """An image's worker died and no other worker came up to retry it (the pool is closing)."""
 
 
 class _Worker:
@@ -223,19 +235,31 @@ class DecodeProcessPool:
     """Worker processes that decode images with Pillow and preprocess them for the models.
 
     :meth:`start` starts the workers in the background (the fork server imports torch: seconds).
-    While no worker is up, :meth:`run` answers None and the caller decodes in its own thread, so
-    no request waits for a worker to start; while all are busy, a caller waits for one. A worker
-    that dies (killed, out of memory) sends its image back to the caller's thread; a warning is
-    logged and a new worker is started in its place.
+    Until the first worker is up, :meth:`run` answers None and the caller decodes in its own
+    thread, so no request waits for the pool to start; from then on a caller waits for a worker
+    while all are busy or being replaced (a replacement starts in milliseconds), so that no image
+    reaches a thread while a crashing one may be around.
+
+    A worker that dies on an image (a crash in the decoder, killed, out of memory) is replaced,
+    and its image is retried once in another worker (the replacement when the pool has one
+    worker); if that one dies too, the image fails with :class:`DecoderCrashedError`. Such an
+    image never goes back to the caller's thread: a decoder crash there would kill the service.
 
     Args:
         processes: number of worker processes (>= 1).
         start_method: ``forkserver`` or ``spawn`` (default: :func:`default_start_method`).
         buffer_bytes: size of each worker's shared result buffer.
+        decode: what a worker runs on each image (a module-level function: it is sent by name);
+            tests give one that crashes on a marked image.
     """
 
     def __init__(
-        self, processes: int, *, start_method: str | None = None, buffer_bytes: int = BUFFER_BYTES
+        self,
+        processes: int,
+        *,
+        start_method: str | None = None,
+        buffer_bytes: int = BUFFER_BYTES,
+        decode: DecodeFunction = _decode_and_preprocess,
     ) -> None:
         if processes < 1:
             raise ValueError(f"a decode process pool needs at least 1 process, got {processes}")
@@ -248,6 +272,7 @@ class DecodeProcessPool:
         self.processes = processes
         self.start_method = method
         self.buffer_bytes = buffer_bytes
+        self.decode = decode
         self._context = multiprocessing.get_context(method)
         if method == "forkserver":
             # Import the workers' modules (torch, torchvision, Pillow) once, in the fork server.
@@ -258,12 +283,16 @@ class DecodeProcessPool:
         self._pending: set[_Worker] = set()  # started, not yet heard from
         self._starting = 0
         self._started = False
+        self._warm = False  # a worker has been up once: images wait for workers from then on
         self._closed = False
-        #: Images decoded in the workers; images sent back to the threads by a dying worker or a
-        #: closing pool; workers started to replace dead ones.
+        #: Images decoded in the workers; images left to the threads because no worker was up or
+        #: the pool was closing; workers started to replace dead ones; images retried after their
+        #: worker died; images failed because their retry's worker died too.
         self.decoded = 0
         self.fallbacks = 0
         self.restarts = 0
+        self.retries = 0
+        self.crashed = 0
 
     @property
     def ready(self) -> bool:
@@ -302,13 +331,15 @@ class DecodeProcessPool:
 
         Returns:
             None when the caller should decode the image itself: no worker is up (yet), a
-            preprocessor has no spec, the worker died, or the pool is closing.
+            preprocessor has no spec, or the pool is closing (before any worker took the image).
 
         Raises:
             the worker's exception, type and message preserved: an ``ImageError`` subclass for a
             bad image, anything else for a preprocessing failure (as on the thread road).
+            DecoderCrashedError: the image's worker died, and so did the one that retried it.
+            DecodeWorkersUnavailableError: its worker died and none came up to retry it.
         """
-        if not self._workers:
+        if not self._warm:
             return None
         specs: dict[int, Preprocess] = {}
         for model_id, fn in preprocessors.items():
@@ -323,20 +354,39 @@ class DecodeProcessPool:
     ) -> tuple[ImageInfo, dict[int, torch.Tensor]] | None:
         """:meth:`run` given the transforms' specs (model id -> :class:`Preprocess`) themselves."""
         distinct = list(dict.fromkeys(specs.values()))  # models sharing a transform share the work
-        worker = self._acquire()
-        if worker is None:
-            return None
-        try:
-            reply = worker.call((data, name, max_pixels, distinct))
-            if reply[0] == "error":
-                raise reply[1]
-            _, info, placed = reply
-            arrays = worker.tensors(placed)
-        except _WorkerDiedError as exc:
-            self._replace(worker, exc)
-            return None
-        finally:
-            self._release(worker)
+        request = (data, name, max_pixels, distinct)
+        died = 0
+        while True:
+            # After a death, wait for the replacement rather than decode here: the image may be
+            # what killed the worker, and a decoder crash in this process would kill the service.
+            worker = self._acquire(retry=died > 0)
+            if worker is None:
+                if died:
+                    raise DecodeWorkersUnavailableError(
+                        f"{name}: its decode worker process stopped and no other one came up to retry "
+                        "it (the service is shutting down?): send it again later"
+                    )
+                return None
+            try:
+                reply = worker.call(request)
+                if reply[0] == "error":
+                    raise reply[1]
+                _, info, placed = reply
+                arrays = worker.tensors(placed)
+                break
+            except _WorkerDiedError as exc:
+                died += 1
+                self._replace(worker, exc, name=name, retry=died == 1)
+                if died == 2:
+                    with self._cond:
+                        self.crashed += 1
+                    raise DecoderCrashedError(
+                        f"{name} could not be decoded: the decoder process stopped on it twice, in two "
+                        "different processes (a malformed or hostile file?). Re-encode it as a plain "
+                        "JPEG or PNG, or leave it out"
+                    ) from None
+            finally:
+                self._release(worker)
         # Each model gets its own tensor, as on the thread road (no aliasing between models).
         first: set[int] = set()
         tensors: dict[int, torch.Tensor] = {}
@@ -373,14 +423,33 @@ class DecodeProcessPool:
 
     # ------------------------------------------------------------------------------ internals
 
-    def _acquire(self) -> _Worker | None:
+    def _acquire(self, *, retry: bool = False) -> _Worker | None:
+        """An idle worker, waiting while all are busy or being replaced.
+
+        None when the pool is closing, or when no worker is up or on its way (a first try goes
+        to the caller's thread then; a retry never does). Before the first worker is up, a first
+        try does not wait for it.
+        """
+        deadline: float | None = None
         with self._cond:
             while not self._idle:
-                if self._closed or not self._workers:
-                    self.fallbacks += 1
+                on_its_way = self._starting > 0 and (retry or self._warm)
+                if self._closed or not (self._workers or on_its_way):
+                    if not retry:
+                        self.fallbacks += 1
                     return None
-                self._cond.wait()
-            return self._idle.popleft()
+                if self._workers:
+                    self._cond.wait()  # for a busy worker
+                    continue
+                deadline = deadline or time.monotonic() + START_TIMEOUT_S
+                if not self._cond.wait(max(0.0, deadline - time.monotonic())):
+                    if not retry:
+                        self.fallbacks += 1
+                    return None  # a starter that never reported back (it logs why)
+            worker = self._idle.popleft()
+            if retry:
+                self.retries += 1
+            return worker
 
     def _release(self, worker: _Worker) -> None:
         with self._cond:
@@ -392,30 +461,35 @@ class DecodeProcessPool:
             self._idle.append(worker)
             self._cond.notify()
 
-    def _replace(self, worker: _Worker, exc: Exception) -> None:
+    def _replace(self, worker: _Worker, exc: Exception, *, name: str, retry: bool) -> None:
+        """Forget a dead worker and start another in its place (unless the pool is closing)."""
         with self._cond:
-            self.fallbacks += 1
             self._workers.discard(worker)
             closing = self._closed
             if not closing:
                 self.restarts += 1
+                # Counted as starting in the same breath: a retry waiting in _acquire waits for it.
+                self._starting += 1
             self._cond.notify_all()  # callers waiting for a worker re-check whether any is left
         worker.conn.close()
         if closing:
             worker.end(1.0)
             return
         logger.warning(
-            "decode worker process %s died (%s); its image is decoded in a thread, a new worker starts",
+            "decode worker process %s died on %s (%s); a new worker starts, and the image %s",
             worker.pid,
+            name,
             exc,
+            "is retried in another worker" if retry else "fails: its retry's worker died too",
         )
-        self._start_workers(1, replacing=worker)
+        self._start_workers(1, replacing=worker, counted=True)
 
-    def _start_workers(self, count: int, replacing: _Worker | None = None) -> None:
+    def _start_workers(self, count: int, replacing: _Worker | None = None, *, counted: bool = False) -> None:
         # Starting a process waits for the fork server, which imports torch the first time: never
         # on the caller's thread (the event loop at start-up, a decode thread after a crash).
-        with self._cond:
-            self._starting += count
+        if not counted:
+            with self._cond:
+                self._starting += count
         threading.Thread(
             target=self._start_in_background,
             args=(count, replacing),
@@ -436,7 +510,10 @@ class DecodeProcessPool:
                 buffer = buffers[i] if i < len(buffers) else self._context.RawArray("B", self.buffer_bytes)
                 parent_end, child_end = self._context.Pipe()
                 process = self._context.Process(
-                    target=_worker_main, args=(child_end, buffer), name="reid-decode", daemon=True
+                    target=_worker_main,
+                    args=(child_end, buffer, self.decode),
+                    name="reid-decode",
+                    daemon=True,
                 )
                 process.start()
                 child_end.close()  # the worker's end lives in the worker: its death closes the pipe
@@ -461,6 +538,7 @@ class DecodeProcessPool:
         with self._cond:
             self._pending.discard(worker)
             if ready and not self._closed:
+                self._warm = True
                 self._workers.add(worker)
                 self._idle.append(worker)
                 self._cond.notify_all()

@@ -204,7 +204,7 @@ def test_a_model_that_joined_later_embeds_uploads_prepared_for_the_others(
     prepared = [
         prepare_bytes("q.jpg", data, name="q.jpg", max_pixels=10**6, preprocessors={}, jpeg_decoder="gpu")
     ]
-    assert prepared[0].encoded is not None and prepared[0].decoded is None
+    assert prepared[0].encoded is not None and not prepared[0].tensors
 
     async def embed(tensor: torch.Tensor) -> np.ndarray:
         return model.embed(tensor[None]).numpy()[0]
