@@ -25,6 +25,7 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy import select
 
 from index import faiss_gpu
+from service import image_release
 from service.api import (
     evaluation_views,
     evaluations,
@@ -219,8 +220,8 @@ async def _snapshot_loop(state: ServiceState) -> None:
             logger.exception("periodic snapshot failed")
 
 
-#: How often expired Idempotency-Key answers are deleted (and once at start-up).
-IDEMPOTENCY_PURGE_INTERVAL_S = 3600.0
+#: How often expired Idempotency-Key answers and stored images no item uses are deleted.
+HOUSEKEEPING_INTERVAL_S = 3600.0
 
 
 def _purge_idempotency_keys(state: ServiceState) -> None:
@@ -230,15 +231,25 @@ def _purge_idempotency_keys(state: ServiceState) -> None:
         logger.info("purged %d expired Idempotency-Key answers", purged)
 
 
-async def _idempotency_purge_loop(state: ServiceState) -> None:
-    # A timer rather than a purge per request: requests stay free of bulk deletes, and a lookup
-    # ignores expired answers anyway, so rows that outlive their TTL by an hour change nothing.
+def _sweep_images(state: ServiceState) -> None:
+    image_release.sweep_orphans(state.sessions, state.images)
+
+
+async def _housekeeping_loop(state: ServiceState) -> None:
+    # A timer rather than work per request: requests stay free of bulk deletes and of walking the
+    # image store, and a lookup ignores expired answers anyway, so rows that outlive their TTL by an
+    # hour change nothing. The first round runs at once (walking the store may take a while: in the
+    # background, not before the service is ready).
     while True:
-        await asyncio.sleep(IDEMPOTENCY_PURGE_INTERVAL_S)
-        try:
-            await anyio.to_thread.run_sync(_purge_idempotency_keys, state)
-        except Exception:
-            logger.exception("purging expired Idempotency-Key answers failed")
+        for what, chore in (
+            ("removing stored images no item uses", _sweep_images),
+            ("purging expired Idempotency-Key answers", _purge_idempotency_keys),
+        ):
+            try:
+                await anyio.to_thread.run_sync(chore, state)
+            except Exception:
+                logger.exception("%s failed", what)
+        await asyncio.sleep(HOUSEKEEPING_INTERVAL_S)
 
 
 @contextlib.asynccontextmanager
@@ -256,7 +267,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     runner.start()
     await anyio.to_thread.run_sync(_purge_idempotency_keys, state)  # what expired while it was down
     snapshots = asyncio.create_task(_snapshot_loop(state), name="index-snapshots")
-    purges = asyncio.create_task(_idempotency_purge_loop(state), name="idempotency-purge")
+    chores = asyncio.create_task(_housekeeping_loop(state), name="housekeeping")
     state.readiness = {"models": True, "indexes": True, "jobs": True}
     state.ready = True
     app.state.service = state
@@ -265,7 +276,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         state.ready = False
-        for task in (snapshots, purges):
+        for task in (snapshots, chores):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

@@ -36,7 +36,7 @@ SERVICE_LAYERS: tuple[tuple[str, ...], ...] = (
         "service.client",
     ),
     ("service.http",),
-    ("service.embedder", "service.gallery_index", "service.item_writer"),
+    ("service.embedder", "service.gallery_index", "service.item_writer", "service.image_release"),
     ("service.state",),
     ("service.jobs", "service.search", "service.rank_lists"),
     ("service.api",),

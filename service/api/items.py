@@ -12,6 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from service import image_release
 from service.api import idempotency
 from service.api.deps import DbSession, GalleryId, ItemId, Scope, State, authorize
 from service.api.pagination import cursor_after, page_of, page_query
@@ -147,6 +148,10 @@ async def add_items(
             continue
         except GalleryGoneError as exc:
             raise not_found("Gallery", gallery_id) from exc
+        # Again after the commit (a stat when the bytes are there): a concurrent release of the
+        # same content may have withdrawn them before it could see these items (image_release).
+        for (_, data), d in zip(uploads, prepared, strict=True):
+            await anyio.to_thread.run_sync(state.images.put, data, d.content_hash, d.image_format)
         return JSONResponse(body, status_code=201)
     raise Problem(
         503,
@@ -241,10 +246,12 @@ def delete_item(gallery_id: GalleryId, item_id: ItemId, state: State) -> Respons
         item = _get_item(session, gallery_id, item_id)
         if item.status != "active":
             raise not_found("Item", item_id)
+        contents = image_release.contents_of(session, gallery_id=gallery_id, item_ids=[item_id])
     try:
         state.writer.delete(gallery_id, [item_id])
     except GalleryGoneError as exc:
         raise not_found("Gallery", gallery_id) from exc
+    image_release.release(state.sessions, state.images, contents)
     return Response(status_code=204)
 
 

@@ -121,6 +121,7 @@ class Item(Base):
     __table_args__ = (
         Index(None, "gallery_id", "content_hash"),
         Index(None, "gallery_id", "status", "id"),
+        Index(None, "content_hash"),  # any gallery's use of a content (service.image_release)
         {"sqlite_autoincrement": True},
     )
 
