@@ -307,7 +307,11 @@ def _install_guards(app: FastAPI, settings: Settings) -> None:
         limiter=limiter,
         cache_ttl_s=settings.auth_cache_s,
     )
-    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodySizeLimitMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        max_json_body_bytes=settings.max_json_body_bytes,
+    )
     generate_openapi = app.openapi
 
     def openapi() -> dict[str, Any]:

@@ -203,6 +203,13 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         32 * 1024 * 1024, ge=1024, description="Largest request body (uploads included); larger: 413."
     )
+    max_json_body_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        description="Largest JSON request body; larger: 413. JSON is parsed whole on the event loop, "
+        "so this bounds the pause one request can cause; the largest valid JSON body (1000 cameras "
+        "of 200 characters) is about 0.2 MB.",
+    )
     max_job_images: int = Field(500_000, ge=1, description="Most images one ingestion job may read.")
     max_evaluation_images: int = Field(
         200_000, ge=1, description="Most images (query + gallery) one evaluation may embed."

@@ -16,7 +16,7 @@ from service import image_release
 from service.api import idempotency
 from service.api.deps import DbSession, GalleryId, ItemId, Scope, State, authorize
 from service.api.pagination import cursor_after, page_of, page_query
-from service.api.schemas import ItemOut, Page, SortOrder
+from service.api.schemas import MAX_METADATA_LENGTH, ItemOut, Page, SortOrder
 from service.api.uploads import embed_prepared, parse_time, per_image, prepare_uploads, read_uploads
 from service.db.tables import Gallery, Item
 from service.http.problems import PROBLEM_RESPONSES, Problem, not_found, problem_responses
@@ -196,8 +196,8 @@ def _write(
 def list_items(
     gallery_id: GalleryId,
     session: DbSession,
-    identity: str | None = None,
-    camera: str | None = None,
+    identity: Annotated[str | None, Query(max_length=MAX_METADATA_LENGTH)] = None,
+    camera: Annotated[str | None, Query(max_length=MAX_METADATA_LENGTH)] = None,
     time_from: str | None = None,
     time_to: str | None = None,
     include_deleted: bool = False,

@@ -4,11 +4,45 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-from typing import Any, Generic, Literal, TypeVar
+import json
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StringConstraints,
+    field_validator,
+)
 
 T = TypeVar("T")
+
+#: Longest identity or camera value anywhere (the database columns' size), stored or filtered on.
+MAX_METADATA_LENGTH = 200
+#: Most values one filter list may hold (cameras of a search): a deployment has tens to hundreds.
+MAX_FILTER_VALUES = 1000
+#: Most keys, and most bytes as JSON, of a job's layout ``options`` (a manifest name, a test size).
+MAX_OPTION_KEYS = 32
+MAX_OPTIONS_BYTES = 4096
+
+MetadataValue = Annotated[str, StringConstraints(min_length=1, max_length=MAX_METADATA_LENGTH)]
+
+
+def _bounded_options(options: dict[str, Any]) -> dict[str, Any]:
+    # Each layout checks its own options (api/jobs.check_dataset); this bounds what any of them is
+    # handed, so that a free-form field cannot carry megabytes into the job table and the logs.
+    if len(options) > MAX_OPTION_KEYS:
+        raise ValueError(f"at most {MAX_OPTION_KEYS} options, got {len(options)}")
+    size = len(json.dumps(options, separators=(",", ":"), ensure_ascii=False).encode())
+    if size > MAX_OPTIONS_BYTES:
+        raise ValueError(f"options take {size} bytes as JSON, more than the {MAX_OPTIONS_BYTES} allowed")
+    return options
+
+
+#: A dataset layout's options, bounded in keys and size (see :func:`_bounded_options`).
+LayoutOptions = Annotated[dict[str, Any], AfterValidator(_bounded_options)]
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 #: Order of a listing by id: ``asc`` oldest first, ``desc`` newest first.
@@ -166,14 +200,15 @@ class IngestSource(BaseModel):
 
     layout: str = Field(
         min_length=1,
+        max_length=100,
         description="A dataset layout the dataset registry knows (market1501, vehicleid, folder, ...).",
     )
     root: str = Field(min_length=1, description="Server-side folder, inside a configured dataset root.")
     split: Literal["train", "query", "gallery"] = "gallery"
-    options: dict[str, Any] = Field(
+    options: LayoutOptions = Field(
         default_factory=dict,
-        description="Parser options, e.g. "
-        '{"manifest": "list.csv"} for folder, {"test_size": 800} for vehicleid.',
+        description=f"Parser options (at most {MAX_OPTION_KEYS} keys, {MAX_OPTIONS_BYTES} bytes as "
+        'JSON), e.g. {"manifest": "list.csv"} for folder, {"test_size": 800} for vehicleid.',
     )
 
 
@@ -239,9 +274,9 @@ class JobErrorOut(BaseModel):
 
 
 class DatasetRef(BaseModel):
-    layout: str = Field(min_length=1, examples=["market1501"])
+    layout: str = Field(min_length=1, max_length=100, examples=["market1501"])
     root: str = Field(min_length=1, examples=["/data/market"])
-    options: dict[str, Any] = Field(default_factory=dict)
+    options: LayoutOptions = Field(default_factory=dict)
 
 
 class EvaluationCreate(BaseModel):
@@ -258,8 +293,8 @@ class EvaluationCreate(BaseModel):
         }
     )
 
-    model: str
-    version: str | None = None
+    model: str = Field(min_length=1, max_length=100)
+    version: str | None = Field(None, max_length=64)
     dataset: DatasetRef
     protocol: Literal["market1501", "vehicleid"] | None = Field(
         None, description="Default: vehicleid for the vehicleid layout, else market1501 (query vs gallery)."
@@ -420,7 +455,9 @@ class SearchByItem(BaseModel):
     item_id: StrictInt = Field(ge=1, le=2**63 - 1)
     # Strict: JSON true is not k = 1.
     k: StrictInt | None = Field(None, ge=1)
-    cameras: list[str] | None = None
+    cameras: list[MetadataValue] | None = Field(
+        None, max_length=MAX_FILTER_VALUES, description=f"Only these cameras (at most {MAX_FILTER_VALUES})."
+    )
     time_from: dt.datetime | None = None
     time_to: dt.datetime | None = None
 
@@ -429,6 +466,7 @@ class SearchByItem(BaseModel):
     def _utc(cls, value: dt.datetime | None) -> dt.datetime | None:
         # Naive times are UTC here as in /search and /items (not the server's local time).
         return None if value is None else to_utc(value)
-    exclude_identity: str | None = None
+
+    exclude_identity: str | None = Field(None, max_length=MAX_METADATA_LENGTH)
     exclude_self: bool = True
     rerank: bool = False

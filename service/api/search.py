@@ -11,7 +11,14 @@ from fastapi import APIRouter, Depends, File, Form, UploadFile
 from index import SearchFilter
 from service.api.deps import GalleryId, Scope, State, authorize
 from service.api.items import thumbnail_url
-from service.api.schemas import QueryResult, SearchByItem, SearchHit, SearchResponse
+from service.api.schemas import (
+    MAX_FILTER_VALUES,
+    MAX_METADATA_LENGTH,
+    QueryResult,
+    SearchByItem,
+    SearchHit,
+    SearchResponse,
+)
 from service.api.uploads import embed_prepared, parse_time, prepare_uploads, read_uploads
 from service.embedder import ModelRuntime
 from service.gallery_index import GalleryIndex, attribute_code
@@ -25,6 +32,7 @@ router = APIRouter(
     responses={**PROBLEM_RESPONSES, **problem_responses(413, 415)},
     dependencies=[Depends(authorize(Scope.READ))],
 )
+
 
 def _active_index(state: ServiceState, gallery_id: int) -> tuple[GalleryIndex, ModelRuntime | None]:
     try:
@@ -67,9 +75,18 @@ def build_filter(
 
 
 def _split_cameras(values: list[str] | None) -> list[str] | None:
+    """The cameras of the form field (repeated or comma-separated), within the same caps as JSON."""
     if not values:
         return None
     out = [c.strip() for v in values for c in v.split(",") if c.strip()]
+    if len(out) > MAX_FILTER_VALUES or any(len(c) > MAX_METADATA_LENGTH for c in out):
+        raise Problem(
+            422,
+            "Too many cameras",
+            f"cameras takes at most {MAX_FILTER_VALUES} values of at most {MAX_METADATA_LENGTH} "
+            f"characters each, got {len(out)}.",
+            slug="validation",
+        )
     return out or None
 
 
@@ -117,7 +134,15 @@ async def search(
             "The gallery's model is not loaded by this service; search by stored item still works.",
             slug="model-not-loaded",
         )
-    flt, drop = build_filter(
+    if exclude_identity is not None and len(exclude_identity) > MAX_METADATA_LENGTH:
+        raise Problem(
+            422,
+            "Invalid identity",
+            f"exclude_identity takes at most {MAX_METADATA_LENGTH} characters.",
+            slug="validation",
+        )
+    flt, drop = await anyio.to_thread.run_sync(
+        build_filter,
         _split_cameras(cameras),
         parse_time(time_from, "time_from"),
         parse_time(time_to, "time_to"),
@@ -142,7 +167,9 @@ async def search_by_item(gallery_id: GalleryId, body: SearchByItem, state: State
         raise Problem(
             409, "No embedding", "The item has no embedding by the gallery's model yet.", slug="no-embedding"
         ) from exc
-    flt, drop = build_filter(
+    # Off the event loop: a filter of many cameras is hashed value by value.
+    flt, drop = await anyio.to_thread.run_sync(
+        build_filter,
         body.cameras,
         body.time_from,
         body.time_to,

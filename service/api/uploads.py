@@ -10,7 +10,7 @@ from functools import partial
 import numpy as np
 from fastapi import UploadFile
 
-from service.api.schemas import to_utc
+from service.api.schemas import MAX_METADATA_LENGTH, to_utc
 from service.embedder import EmbedderBusyError, EmbedderClosedError, EmbeddingFailedError, ModelRuntime
 from service.http.problems import Problem
 from service.imaging.decoding import ImageError, ImageTooLargeError, UnsupportedImageError, probe_image
@@ -173,10 +173,6 @@ def parse_time(value: str | None, field: str) -> dt.datetime | None:
         return to_utc(parsed)
     except ValueError as exc:
         raise Problem(422, "Invalid time", f"{field}={value!r}: {exc}.", slug="validation") from exc
-
-
-#: Longest identity or camera name (the database columns' size).
-MAX_METADATA_LENGTH = 200
 
 
 def per_image(values: list[str] | None, n: int, field: str) -> list[str | None]:

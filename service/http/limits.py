@@ -26,7 +26,7 @@ JSON = "application/json"
 
 
 class BodyTooLargeError(HTTPException):
-    """The request body grew past ``max_body_bytes`` (raised from ``receive`` while it streams).
+    """The request body grew past its limit (raised from ``receive`` while it streams).
 
     An HTTP exception on purpose: FastAPI re-raises those from its body parsing untouched (any
     other error becomes a generic 400), so the client gets the 413 and its explanation.
@@ -34,8 +34,8 @@ class BodyTooLargeError(HTTPException):
 
     slug = "body-too-large"
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(413, body_too_large_detail(limit))
+    def __init__(self, detail: str) -> None:
+        super().__init__(413, detail)
 
 
 def body_too_large_detail(limit: int) -> str:
@@ -45,21 +45,47 @@ def body_too_large_detail(limit: int) -> str:
     )
 
 
-class BodySizeLimitMiddleware:
-    """Refuse request bodies larger than ``max_body_bytes`` with 413, counting while they stream."""
+def json_body_too_large_detail(limit: int) -> str:
+    return (
+        f"The JSON body is larger than the {limit} bytes this service accepts for JSON "
+        "(REID_MAX_JSON_BODY_BYTES); no operation needs more: shorten the lists in it."
+    )
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+
+def _is_json(scope: AsgiScope) -> bool:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-type":
+            media = value.split(b";", 1)[0].strip().lower()
+            return media == b"application/json" or (
+                media.startswith(b"application/") and media.endswith(b"+json")
+            )
+    return False
+
+
+class BodySizeLimitMiddleware:
+    """Refuse request bodies larger than ``max_body_bytes`` with 413, counting while they stream.
+
+    JSON bodies have their own, smaller limit ``max_json_body_bytes``: they are parsed whole on the
+    event loop (FastAPI's body parsing), so their size is what bounds that pause; no JSON operation
+    takes more than a few KB, while uploads need megabytes.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, max_json_body_bytes: int | None = None) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.max_json_body_bytes = max_body_bytes if max_json_body_bytes is None else max_json_body_bytes
 
     async def __call__(self, scope: AsgiScope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.max_body_bytes
+        if _is_json(scope) and self.max_json_body_bytes < self.max_body_bytes:
+            limit, detail = self.max_json_body_bytes, json_body_too_large_detail(self.max_json_body_bytes)
+        else:
+            limit, detail = self.max_body_bytes, body_too_large_detail(self.max_body_bytes)
         declared = _content_length(scope)
         if declared is not None and declared > limit:
-            await self._refuse(scope, receive, send)
+            await self._refuse(scope, receive, send, detail)
             return
         received = 0
         started = False
@@ -70,7 +96,7 @@ class BodySizeLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise BodyTooLargeError(limit)
+                    raise BodyTooLargeError(detail)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -85,14 +111,14 @@ class BodySizeLimitMiddleware:
             # Read outside FastAPI's body parsing (a middleware, a raw endpoint): answer here.
             if started:
                 raise
-            await self._refuse(scope, receive, send)
+            await self._refuse(scope, receive, send, detail)
 
-    async def _refuse(self, scope: AsgiScope, receive: Receive, send: Send) -> None:
+    async def _refuse(self, scope: AsgiScope, receive: Receive, send: Send, detail: str) -> None:
         response = problem_response(
             Request(scope),
             413,
             "Request body too large",
-            body_too_large_detail(self.max_body_bytes),
+            detail,
             slug=BodyTooLargeError.slug,
             headers={"Connection": "close"},
         )
