@@ -32,10 +32,23 @@ log = logging.getLogger("bench.training")
 DEFAULT_OUT = Path(__file__).parent / "results" / "training-cpu.json"
 
 
-VARIANTS = ("plain", "joint", "backbone", "backbone-unfolded", "denoiser", "denoiser-256-rows")
-#: Rows of the denoising loss per layer in the ``denoiser-256-rows`` variant (the trainer's default
-#: is ``denoiserep.loss_rows`` = 4096): what a smaller, still unbiased estimate would save.
-FEWER_ROWS = 256
+VARIANTS = (
+    "plain",
+    "joint",
+    "backbone",
+    "backbone-unfolded",
+    "denoiser",
+    "denoiser-rebuilt",
+    "denoiser-4096-rows",
+)
+#: (loss rows, fused refresh) of the denoiser-phase variants; None: the trainer's default.
+DENOISER_SETTINGS: dict[str, tuple[int | None, int | None]] = {
+    "denoiser": (None, None),
+    # The fused weights rebuilt every step (fused_refresh 1): what the reuse saves.
+    "denoiser-rebuilt": (None, 1),
+    # The defaults before issue 13's last change: 4096 rows per layer, rebuilt every step.
+    "denoiser-4096-rows": (4096, 1),
+}
 
 
 def _step_throughput(
@@ -47,8 +60,10 @@ def _step_throughput(
     denoising loss, both optimisers step. ``backbone``: a backbone-phase step as the trainer runs
     it (denoisers frozen and folded into the weights, ``denoiserep.fold_backbone``);
     ``backbone-unfolded``: the same with the fused weights rebuilt every step. ``denoiser``: a
-    denoiser-phase step (backbone under no_grad, the denoising loss alone, only the denoisers' Adam
-    steps). ``denoiser-256-rows``: the denoiser phase with the loss on 256 rows per layer.
+    denoiser-phase step as the trainer runs it (backbone under no_grad, the denoising loss alone on
+    ``denoiserep.loss_rows`` rows per layer, fused weights reused for ``denoiserep.fused_refresh``
+    steps, only the denoisers' Adam steps); ``denoiser-rebuilt`` and ``denoiser-4096-rows``: see
+    :data:`DENOISER_SETTINGS`. A denoiser phase times whole refresh periods (every rebuild counted).
     """
     from training import denoiserep
     from training.config import DenoiseRepConfig
@@ -59,10 +74,16 @@ def _step_throughput(
     model = ReIDModel(backbone, num_classes=batch // 4, img_size=size).to(device).train()
     if variant != "plain":
         denoiserep.convert(model.backbone)
-        # What the trainer does: the denoising loss on at most denoiserep.loss_rows rows per layer.
-        rows = FEWER_ROWS if variant == "denoiser-256-rows" else DenoiseRepConfig().loss_rows
-        denoiserep.set_loss_rows(model.backbone, rows)
-        variant = variant.removesuffix("-256-rows")
+        # What the trainer does: the denoising loss on at most denoiserep.loss_rows rows per layer,
+        # fused weights reused for denoiserep.fused_refresh denoiser-phase steps.
+        defaults = DenoiseRepConfig()
+        rows, refresh = DENOISER_SETTINGS.get(variant, (None, None))
+        denoiserep.set_loss_rows(model.backbone, defaults.loss_rows if rows is None else rows)
+        denoiserep.set_fused_refresh(model.backbone, defaults.fused_refresh if refresh is None else refresh)
+        if variant in DENOISER_SETTINGS:
+            variant = "denoiser"
+            period = defaults.fused_refresh if refresh is None else refresh
+            steps = period * -(-steps // period)  # the warm-up step built them; the last rebuilds
         phase = variant.removesuffix("-unfolded")
         denoiserep.set_phase(model.backbone, "joint" if variant == "joint" else phase)
         if variant == "backbone":

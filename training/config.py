@@ -172,6 +172,11 @@ class DenoiseRepConfig:
         loss_rows: the denoising loss of each layer is estimated on at most this many tokens /
             pixels per forward, drawn uniformly (unbiased); ``None``: all of them. A CNN's early
             layers have ~10^5 pixels per batch, where the full loss costs several convs.
+        fused_refresh: in a denoiser phase (backbone frozen), the forward reuses each layer's fused
+            weights for this many steps before rebuilding them (``1``: every step). Rebuilding costs
+            ``out x in^2`` per layer, about a third of a no-grad forward at batch 8; the features
+            each layer's loss sees then come from upstream denoisers at most this many steps minus
+            one old (each loss itself always uses its layer's current D).
         fold_backbone: in a backbone phase, fold the frozen denoisers into the weights and train
             plain layers (a plain step's cost; see ``training/denoiserep/folding.py``). The
             optimiser then steps W' instead of W, which differs by a factor ``M^T M`` within ~1e-3
@@ -190,7 +195,8 @@ class DenoiseRepConfig:
     epochs: int = 10
     lr: float | None = None
     denoiser_lr: float = 1e-3
-    loss_rows: int | None = 4096
+    loss_rows: int | None = 128
+    fused_refresh: int = 8
     fold_backbone: bool = True
     warmup_epochs: float = 0.0
 
@@ -283,6 +289,10 @@ class Config:
             (
                 self.denoiserep.loss_rows is None or self.denoiserep.loss_rows >= 1,
                 "denoiserep.loss_rows must be >= 1 or null (all rows)",
+            ),
+            (
+                self.denoiserep.fused_refresh >= 1,
+                "denoiserep.fused_refresh must be >= 1 (1: rebuild the fused weights every step)",
             ),
             (self.eval.every >= -1, "eval.every must be >= -1"),
             (self.eval.trials >= 1, "eval.trials must be >= 1"),

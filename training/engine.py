@@ -404,6 +404,7 @@ class Trainer:
             from training import denoiserep
 
             denoiserep.set_loss_rows(model.backbone, cfg.denoiserep.loss_rows)
+            denoiserep.set_fused_refresh(model.backbone, cfg.denoiserep.fused_refresh)
         if resume is not None:
             # The run's own checkpoint wins over init: same architecture, later weights.
             if resume.get("denoiserep") != dr_settings:

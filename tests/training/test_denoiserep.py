@@ -427,11 +427,12 @@ def test_conv_loss_is_on_the_detached_feature_the_denoiser_reads(side):
     recorded = layer.pop_loss()
     with torch.no_grad():
         y = x.detach() if side == "input" else source(x)
+    rows = y.movedim(1, -1).reshape(-1, y.shape[1])  # one feature vector per pixel
     torch.manual_seed(12)
-    eps = torch.randn_like(y)
-    x_t = layer.step.sqrt_abar * y + layer.step.sqrt_one_minus_abar * eps
+    eps = torch.randn_like(rows)  # the layer's draw, one noise vector per pixel
+    x_t = layer.step.sqrt_abar * rows + layer.step.sqrt_one_minus_abar * eps
     dense = torch.block_diag(*layer.denoiser_weight.detach())
-    predicted = torch.einsum("oc,nchw->nohw", dense, x_t)
+    predicted = x_t @ dense.T
     expected = ((predicted - eps).abs().sum(1) + (predicted - eps).square().sum(1)).mean()
     assert float(recorded.detach()) == pytest.approx(float(expected.detach()), rel=1e-12)
     # The loss trains the denoiser only: no gradient flows back into the input or the conv weight.

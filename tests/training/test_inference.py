@@ -402,7 +402,7 @@ def test_device_stage_gives_the_embeddings_of_the_pillow_road(tmp_path: Path, jp
         assert c.pixels is not None  # progressive: libjpeg-turbo in the pool
     else:
         assert a.pixels is not None and c.pixels is not None and e.pixels is not None
-    assert b.decoded is not None and 7 in b.tensors  # PNG: the Pillow road
+    assert b.encoded is None and b.pixels is None and 7 in b.tensors  # PNG: the Pillow road
     assert d.error is not None and "truncated" in d.error  # Pillow judges truncated JPEGs
     assert (a.width, a.height, a.image_format) == (32, 64, "JPEG")
 
@@ -444,7 +444,7 @@ def test_device_stage_falls_back_to_pillow_when_the_batch_decoder_fails(tmp_path
     finished = stage(prepared)
     assert stage.gpu_decode_failures == 1
     for p, path in zip(finished, paths, strict=True):
-        assert p.error is None and p.decoded is not None
+        assert p.error is None and 7 in p.tensors
         torch.testing.assert_close(p.tensors[7], model.preprocess(Image.open(path)))
 
 

@@ -174,6 +174,11 @@ class DenoisingLayer:
         self._init_denoiser(denoiser_shape, bias_shape)
         #: Rows of the denoising loss per forward (None: all); see network.set_loss_rows.
         self.loss_rows: int | None = None
+        #: Train forwards that reuse one fused (W', b') while W is frozen; see network.set_fused_refresh.
+        self.fused_refresh = 1
+        self._fused_cache: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._fused_uses = 0
+        self._fused_of = -1  # the weight's version the cache was built from
         self.folded = False
         self.train(source.training)  # type: ignore[attr-defined]
 
@@ -252,6 +257,7 @@ class DenoisingLayer:
         if step_deviation(self.denoiser_weight, self.step.c1, self.step.c3) > MAX_STEP_DEVIATION:
             return False
         self._store(*self.fused_parameters(torch.float64))
+        self._fused_cache = None
         self.folded = True
         return True
 
@@ -261,6 +267,7 @@ class DenoisingLayer:
             return
         self._store(*self.base_parameters(torch.float64))
         self.folded = False
+        self._fused_cache = None
 
     def _store(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         # In place: the optimiser (and DDP) hold these very Parameter objects.
@@ -279,6 +286,29 @@ class DenoisingLayer:
             )
         return self.weight, self.bias
 
+    def _train_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(W', b') for an unfolded train forward: rebuilt each time, or reused while W is frozen.
+
+        In a denoiser phase the backbone is frozen and only D moves, by one small Adam step per
+        forward; rebuilding W' (``out x in^2`` per layer) every forward costs about half the
+        forward itself at batch 8. With ``fused_refresh`` = k > 1 the same W' serves k forwards, so
+        the features a layer's loss sees come from upstream denoisers at most k - 1 steps old (the
+        layer's own loss always uses its current D). Rebuilt at once when W changes or trains.
+        """
+        if self.fused_refresh <= 1 or self.weight.requires_grad:
+            self._fused_cache = None
+            return self.fused_parameters()
+        version = self.weight._version
+        if self._fused_cache is None or self._fused_uses >= self.fused_refresh or version != self._fused_of:
+            with torch.no_grad():
+                self._fused_cache = self.fused_parameters()
+            self._fused_uses, self._fused_of = 0, version
+        self._fused_uses += 1
+        return self._fused_cache
+
+    def _reuses_fused(self) -> bool:
+        return self.fused_refresh > 1 and not self.weight.requires_grad
+
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         # Checkpoints always hold the layer's own (W, b): a folded layer writes them unfolded, so a
         # checkpoint taken during a backbone phase loads into a fresh converted model unchanged.
@@ -293,6 +323,7 @@ class DenoisingLayer:
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object) -> None:
         if self.folded:
             raise DenoiseRepError("cannot load into a folded layer: denoiserep.unfold(model) first")
+        self._fused_cache = None
         super()._load_from_state_dict(state_dict, prefix, *args)  # type: ignore[misc]
 
     def predict_noise(self, x: torch.Tensor) -> torch.Tensor:
@@ -316,26 +347,46 @@ class DenoisingLayer:
         Autograd is switched on here, for (D, d) only: the backbone may run under ``torch.no_grad``.
         """
         with torch.enable_grad():
-            clean = self._loss_rows_of(clean.detach(), feature_dim)
-            noise = torch.randn_like(clean)
-            noised = self.step.sqrt_abar * clean + self.step.sqrt_one_minus_abar * noise
-            loss = _noise_prediction_loss(self.predict_noise(noised), noise, feature_dim)
+            rows = self._loss_rows_of(clean.detach(), feature_dim)
+            noise = torch.randn_like(rows)
+            noised = self.step.sqrt_abar * rows + self.step.sqrt_one_minus_abar * noise
+            loss = _noise_prediction_loss(self._predict_rows(noised), noise, -1)
         self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
 
+    def _predict_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """:meth:`predict_noise` on feature vectors (rows, features), one matrix product per group.
+
+        The loss's rows are vectors whatever the layer: a grouped 1x1 conv on (rows, C, 1, 1) maps
+        takes a slow path on the CPU (several times the product itself, forward and backward).
+        """
+        weight, bias = self.denoiser_weight, self.denoiser_bias
+        if weight.dim() == 2:
+            return F.linear(rows, weight, bias)
+        groups, width = weight.shape[0], weight.shape[-1]
+        out = torch.einsum("ngc,gdc->ngd", rows.reshape(-1, groups, width), weight).reshape(rows.shape[0], -1)
+        return out if bias is None else out + bias
+
     def _loss_rows_of(self, clean: torch.Tensor, feature_dim: int) -> torch.Tensor:
-        """At most ``loss_rows`` feature vectors of ``clean``, drawn uniformly with replacement.
+        """The feature vectors (rows, features) of ``clean``: at most ``loss_rows``, drawn uniformly
+        with replacement, else all.
 
         The loss is a mean over rows, so the mean over a uniform sample is an unbiased estimate of
         it; a CNN's early layers have ~10^5 pixels per batch, where the full loss costs several
-        times the conv itself. Rows keep the layout ``predict_noise`` reads (1x1 maps for convs).
+        times the conv itself. The sample is gathered straight from the (N, C, H, W) map of a conv,
+        without first copying the whole map into rows.
         """
         limit = getattr(self, "loss_rows", None)
         feature = clean.shape[feature_dim]
-        rows = clean.movedim(feature_dim, -1).reshape(-1, feature)
-        if limit is None or rows.shape[0] <= limit:
-            return clean
-        picked = rows[torch.randint(rows.shape[0], (limit,), device=rows.device)]
-        return picked if feature_dim == -1 else picked[:, :, None, None]
+        total = clean.numel() // feature
+        if limit is None or total <= limit:
+            return clean.movedim(feature_dim, -1).reshape(-1, feature)
+        picked = torch.randint(total, (limit,), device=clean.device)
+        if feature_dim == -1:
+            return clean.reshape(-1, feature)[picked]
+        # Row r is pixel (r // HW, r % HW) in (N, H, W) order, as a moved-and-flattened map numbers them.
+        maps = clean.flatten(2)
+        pixels = maps.shape[-1]
+        return maps[picked // pixels, :, picked % pixels]
 
     def pop_loss(self) -> torch.Tensor | None:
         """The summed noise-prediction loss of the train forwards since the last call, then reset."""
@@ -359,6 +410,7 @@ class DenoisingLayer:
         # copy of the model (fuse, checkpoint) must not carry a pending loss anyway.
         state = self.__dict__.copy()
         state["_loss_sum"] = None
+        state["_fused_cache"] = None  # derived, rebuilt on demand
         return state
 
     def extra_repr(self) -> str:
@@ -398,10 +450,11 @@ class DenoisingLinear(DenoisingLayer, nn.Linear):
         if self._records_loss():
             self._record_noise_loss(x, -1)
         # Two exact roads to W (c3 x - c1 (D x + d)) + b: denoise the rows (rows x in^2 multiply-adds)
-        # or fuse the weights (out x in^2); with fewer rows than outputs the rows are cheaper.
-        if x.numel() // self.in_features < self.out_features:
+        # or fuse the weights (out x in^2); with fewer rows than outputs the rows are cheaper, unless
+        # fused weights are being reused anyway (a denoiser phase, fused_refresh > 1).
+        if x.numel() // self.in_features < self.out_features and not self._reuses_fused():
             return F.linear(self._frozen_denoise(x), self.weight, self.bias)
-        weight, bias = self.fused_parameters()
+        weight, bias = self._train_parameters()
         return F.linear(x, weight, bias)
 
     def plain_layer(self) -> nn.Module:
@@ -491,9 +544,9 @@ class DenoisingConv2d(DenoisingLayer, nn.Conv2d):
                 with torch.no_grad():
                     clean = self._conv_forward(x, self.weight, self.bias)
                 self._record_noise_loss(clean, 1)
-        if self.side == "input" and self._denoising_input_is_cheaper(x):
+        if self.side == "input" and not self._reuses_fused() and self._denoising_input_is_cheaper(x):
             return self._conv_forward(self._frozen_denoise(x), self.weight, self.bias)
-        weight, bias = self.fused_parameters()
+        weight, bias = self._train_parameters()
         return self._conv_forward(x, weight, bias)
 
     def _denoising_input_is_cheaper(self, x: torch.Tensor) -> bool:

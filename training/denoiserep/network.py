@@ -215,6 +215,8 @@ def set_phase(model: nn.Module, phase: str) -> None:
     train_backbone = phase in ("backbone", "joint")
     for p in model.parameters():
         p.requires_grad_(train_denoisers if id(p) in denoisers else train_backbone)
+    for _, layer in denoising_layers(model):
+        layer._fused_cache = None  # a new phase starts from the current D
 
 
 def fold(model: nn.Module) -> int:
@@ -265,6 +267,23 @@ def set_loss_rows(model: nn.Module, rows: int | None) -> None:
         raise DenoiseRepError(f"loss rows must be a positive integer or None, got {rows!r}")
     for _, layer in _require_layers(model, "set_loss_rows"):
         layer.loss_rows = rows
+
+
+def set_fused_refresh(model: nn.Module, forwards: int) -> None:
+    """While a layer's own weights are frozen (a denoiser phase), reuse its fused weights for this many
+    train forwards before rebuilding them; 1 rebuilds them every forward (the exact definition).
+
+    The forward then sees upstream denoisers at most ``forwards - 1`` optimiser steps old; each
+    layer's own loss always uses its current D. Training-time only: nothing of it is saved or fused.
+
+    Raises:
+        DenoiseRepError: ``forwards`` is not a positive integer, or ``model`` was never converted.
+    """
+    if isinstance(forwards, bool) or not isinstance(forwards, int) or forwards < 1:
+        raise DenoiseRepError(f"fused refresh must be a positive integer, got {forwards!r}")
+    for _, layer in _require_layers(model, "set_fused_refresh"):
+        layer.fused_refresh = forwards
+        layer._fused_cache = None
 
 
 def denoiser_parameters(model: nn.Module) -> list[nn.Parameter]:
