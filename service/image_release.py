@@ -110,7 +110,7 @@ def release(sessions: sessionmaker[Session], images: ImageStore, contents: Itera
 
 
 def release_quietly(sessions: sessionmaker[Session], images: ImageStore, contents: Iterable[Content]) -> None:
-    """:func:`release` after a response was sent: a failure is logged (the hourly sweep retries it)."""
+    """:func:`release` once the deletion is committed: a failure is logged (the hourly sweep retries)."""
     try:
         release(sessions, images, contents)
     except Exception:

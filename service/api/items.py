@@ -251,7 +251,8 @@ def delete_item(gallery_id: GalleryId, item_id: ItemId, state: State) -> Respons
         state.writer.delete(gallery_id, [item_id])
     except GalleryGoneError as exc:
         raise not_found("Gallery", gallery_id) from exc
-    image_release.release(state.sessions, state.images, contents)
+    # The item is deleted whatever happens to its bytes: a failure here is logged, the sweep retries.
+    image_release.release_quietly(state.sessions, state.images, contents)
     return Response(status_code=204)
 
 

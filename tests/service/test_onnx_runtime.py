@@ -98,5 +98,5 @@ def test_runtime_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.runtime == "onnx" and settings.onnx_provider == "tensorrt"
     assert load_settings(runtime="torch").runtime == "torch"
     monkeypatch.setenv("REID_RUNTIME", "tensorflow")
-    with pytest.raises(ValueError, match="runtime"):
+    with pytest.raises(ValueError, match=r"REID_RUNTIME=.tensorflow. is not valid: expected one of auto"):
         load_settings()
