@@ -147,10 +147,15 @@ class MicroBatcher:
         return self._embed_and_release(batch)
 
     def _announce_interactive(self) -> None:
-        # Counted when the batch is handed to the model's thread, not when that thread picks it up:
-        # a job waiting on the condition must already see it.
+        # Counted before the batch leaves the queue, not when the model's thread picks it up: a job
+        # waiting on the condition must see it all the way.
         with self._turn:
             self._interactive_waiting += 1
+
+    def _withdraw_interactive(self) -> None:
+        with self._turn:
+            self._interactive_waiting -= 1
+            self._turn.notify_all()
 
     def _forward_interactive(self, batch: torch.Tensor) -> np.ndarray:
         with self._turn:
@@ -185,12 +190,17 @@ class MicroBatcher:
                     await asyncio.wait_for(self._wakeup.wait(), remaining)
                 except TimeoutError:
                     break
+            # Announced before its requests leave the queue: a job waiting for the model must never
+            # see, in between, neither a queued request nor an announced batch (it would go first).
+            self._announce_interactive()
             batch: list[_Request] = []
             while self._pending and len(batch) < self.max_batch_size:
                 req = self._pending.popleft()
                 if not req.future.cancelled():  # the client went away: no forward pass for it
                     batch.append(req)
-            if batch:
+            if not batch:
+                self._withdraw_interactive()
+            else:
                 started = loop.time()
                 await self._run_batch(loop, batch)
                 if self.on_batch is not None:
@@ -200,9 +210,13 @@ class MicroBatcher:
                         logger.exception("the micro-batch observer failed")
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Request]) -> None:
+        """Embed an announced batch (see :meth:`_run`); on failure, retry its images one by one."""
         try:
-            stacked = stack([r.tensor for r in batch])  # GPU-decoded and Pillow-road tensors may meet
-            self._announce_interactive()
+            try:
+                stacked = stack([r.tensor for r in batch])  # GPU-decoded and Pillow-road tensors may meet
+            except Exception:
+                self._withdraw_interactive()
+                raise
             out = await loop.run_in_executor(self._executor, self._forward_interactive, stacked)
         except Exception:
             if len(batch) == 1:

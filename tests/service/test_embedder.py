@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -164,6 +165,42 @@ def test_queued_queries_run_before_a_waiting_job_batch() -> None:
 
     run(main())
     # The first query, then the three queued queries (one batch), then the job's 16.
+    assert model.batches == [1, 3, 16]
+
+
+def test_a_job_never_slips_in_while_a_query_batch_is_being_stacked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between leaving the queue and reaching the model a batch stays announced (a race seen under load)."""
+    from service import embedder
+
+    real_stack = embedder.stack
+    stacking = threading.Event()
+
+    def slow_stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+        if len(tensors) == 3:  # the queued queries: hold the loop here while the job polls
+            stacking.set()
+            time.sleep(0.3)
+        return real_stack(tensors)
+
+    monkeypatch.setattr(embedder, "stack", slow_stack)
+    model = FakeModel(gate=threading.Event())
+
+    async def main() -> None:
+        batcher = MicroBatcher(model, max_batch_size=8, max_wait_s=0.0, queue_size=100, job_yield_s=5.0)
+        batcher.start()
+        try:
+            first = asyncio.create_task(batcher.embed(image(1.0)))
+            while not batcher._running:
+                await asyncio.sleep(0.001)
+            job = asyncio.create_task(asyncio.to_thread(batcher.forward, torch.stack([image(9.0)] * 16)))
+            queries = [asyncio.create_task(batcher.embed(image(float(i)))) for i in range(2, 5)]
+            await asyncio.sleep(0.05)
+            model.gate.set()
+            await asyncio.gather(first, job, *queries)
+        finally:
+            await batcher.stop()
+
+    run(main())
+    assert stacking.is_set()
     assert model.batches == [1, 3, 16]
 
 
