@@ -238,18 +238,17 @@ def _sweep_images(state: ServiceState) -> None:
 async def _housekeeping_loop(state: ServiceState) -> None:
     # A timer rather than work per request: requests stay free of bulk deletes and of walking the
     # image store, and a lookup ignores expired answers anyway, so rows that outlive their TTL by an
-    # hour change nothing. The first round runs at once (walking the store may take a while: in the
-    # background, not before the service is ready).
+    # hour change nothing. The first round runs at once with the image sweep only (walking the store
+    # may take a while: in the background; the keys were purged before the service became ready).
+    chores = [("removing stored images no item uses", _sweep_images)]
     while True:
-        for what, chore in (
-            ("removing stored images no item uses", _sweep_images),
-            ("purging expired Idempotency-Key answers", _purge_idempotency_keys),
-        ):
+        for what, chore in chores:
             try:
                 await anyio.to_thread.run_sync(chore, state)
             except Exception:
                 logger.exception("%s failed", what)
         await asyncio.sleep(HOUSEKEEPING_INTERVAL_S)
+        chores = [*chores[:1], ("purging expired Idempotency-Key answers", _purge_idempotency_keys)]
 
 
 @contextlib.asynccontextmanager

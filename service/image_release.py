@@ -67,8 +67,8 @@ def _batches(values: Iterable[T]) -> Iterator[list[T]]:
         yield batch
 
 
-def _uploads_in_use(session: Session, contents: Sequence[Content]) -> set[tuple[str, str]]:
-    pairs = [(c.content_hash, c.image_format) for c in contents]
+def _uploads_in_use(session: Session, pairs: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+    """The (content hash, format) pairs that an active uploaded item uses."""
     query = select(Item.content_hash, Item.image_format).where(
         tuple_(Item.content_hash, Item.image_format).in_(pairs),
         Item.source_path.is_(None),
@@ -88,7 +88,7 @@ def release(sessions: sessionmaker[Session], images: ImageStore, contents: Itera
     removed = 0
     for batch in _batches(contents):
         with sessions() as session:
-            used = _uploads_in_use(session, [c for c in batch if c.uploaded])
+            used = _uploads_in_use(session, [(c.content_hash, c.image_format) for c in batch if c.uploaded])
         withdrawn = {}
         for c in batch:
             key = (c.content_hash, c.image_format)
@@ -96,7 +96,7 @@ def release(sessions: sessionmaker[Session], images: ImageStore, contents: Itera
                 withdrawn[key] = aside
         with sessions() as session:
             # The second check: an upload that committed since the first one keeps its bytes.
-            used = _uploads_in_use(session, [Content(h, f, True) for h, f in withdrawn])
+            used = _uploads_in_use(session, list(withdrawn))
             hashes_used = _hashes_in_use(session, sorted({c.content_hash for c in batch}))
         for key, aside in withdrawn.items():
             if key in used:

@@ -122,7 +122,7 @@ async def search(
     ] = None,
     time_from: Annotated[str | None, Form(description="ISO 8601 or epoch seconds, inclusive.")] = None,
     time_to: Annotated[str | None, Form(description="ISO 8601 or epoch seconds, inclusive.")] = None,
-    exclude_identity: Annotated[str | None, Form()] = None,
+    exclude_identity: Annotated[str | None, Form(max_length=MAX_METADATA_LENGTH)] = None,
     rerank: Annotated[bool, Form(description="k-reciprocal re-ranking of the candidates.")] = False,
 ) -> SearchResponse:
     k = _check_k(state, k)
@@ -133,13 +133,6 @@ async def search(
             "Model not loaded",
             "The gallery's model is not loaded by this service; search by stored item still works.",
             slug="model-not-loaded",
-        )
-    if exclude_identity is not None and len(exclude_identity) > MAX_METADATA_LENGTH:
-        raise Problem(
-            422,
-            "Invalid identity",
-            f"exclude_identity takes at most {MAX_METADATA_LENGTH} characters.",
-            slug="validation",
         )
     flt, drop = await anyio.to_thread.run_sync(
         build_filter,

@@ -52,13 +52,20 @@ def json_body_too_large_detail(limit: int) -> str:
     )
 
 
+def media_type(content_type: str) -> str:
+    """The media type of a ``Content-Type`` value, lower case, without parameters."""
+    return content_type.split(";", 1)[0].strip().lower()
+
+
+def is_json(media: str) -> bool:
+    """``application/json`` or a structured ``application/...+json`` type."""
+    return media == JSON or (media.startswith("application/") and media.endswith("+json"))
+
+
 def _is_json(scope: AsgiScope) -> bool:
     for name, value in scope.get("headers", ()):
         if name == b"content-type":
-            media = value.split(b";", 1)[0].strip().lower()
-            return media == b"application/json" or (
-                media.startswith(b"application/") and media.endswith(b"+json")
-            )
+            return is_json(media_type(value.decode("latin-1")))
     return False
 
 
@@ -166,10 +173,8 @@ def require_declared_media_type(request: Request) -> None:
     accepted = accepted_media_types(route)
     if accepted is None:
         return
-    header = request.headers.get("content-type", "")
-    media = header.split(";", 1)[0].strip().lower()
-    structured_json = media.startswith("application/") and media.endswith("+json")
-    if media in accepted or (JSON in accepted and structured_json):
+    media = media_type(request.headers.get("content-type", ""))
+    if media in accepted or (JSON in accepted and is_json(media)):
         return
     raise Problem(
         415,

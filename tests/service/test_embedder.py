@@ -143,9 +143,8 @@ def test_forward_from_a_thread_interleaves_with_the_batcher() -> None:
     run(main())
 
 
-def test_queued_queries_run_before_a_waiting_job_batch() -> None:
-    """A job batch that arrives while a forward runs and queries are queued goes after them."""
-    model = FakeModel(gate=threading.Event())
+def _job_behind_three_queries(model: FakeModel) -> None:
+    """One query holds the model at its gate; a job batch arrives, then three queries; the gate opens."""
 
     async def main() -> None:
         batcher = MicroBatcher(model, max_batch_size=8, max_wait_s=0.0, queue_size=100, job_yield_s=5.0)
@@ -164,6 +163,12 @@ def test_queued_queries_run_before_a_waiting_job_batch() -> None:
             await batcher.stop()
 
     run(main())
+
+
+def test_queued_queries_run_before_a_waiting_job_batch() -> None:
+    """A job batch that arrives while a forward runs and queries are queued goes after them."""
+    model = FakeModel(gate=threading.Event())
+    _job_behind_three_queries(model)
     # The first query, then the three queued queries (one batch), then the job's 16.
     assert model.batches == [1, 3, 16]
 
@@ -183,23 +188,7 @@ def test_a_job_never_slips_in_while_a_query_batch_is_being_stacked(monkeypatch: 
 
     monkeypatch.setattr(embedder, "stack", slow_stack)
     model = FakeModel(gate=threading.Event())
-
-    async def main() -> None:
-        batcher = MicroBatcher(model, max_batch_size=8, max_wait_s=0.0, queue_size=100, job_yield_s=5.0)
-        batcher.start()
-        try:
-            first = asyncio.create_task(batcher.embed(image(1.0)))
-            while not batcher._running:
-                await asyncio.sleep(0.001)
-            job = asyncio.create_task(asyncio.to_thread(batcher.forward, torch.stack([image(9.0)] * 16)))
-            queries = [asyncio.create_task(batcher.embed(image(float(i)))) for i in range(2, 5)]
-            await asyncio.sleep(0.05)
-            model.gate.set()
-            await asyncio.gather(first, job, *queries)
-        finally:
-            await batcher.stop()
-
-    run(main())
+    _job_behind_three_queries(model)
     assert stacking.is_set()
     assert model.batches == [1, 3, 16]
 

@@ -15,29 +15,12 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from tests.training.test_denoiserep_folding import _net
 from training import denoiserep as dr
 from training.config import config_from_dict
 from training.denoiserep.errors import DenoiseRepError
 
 F64 = torch.float64
-
-
-def _net() -> nn.Module:
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(8, 12, 3, padding=1, groups=2),
-        nn.ReLU(),
-        nn.Conv2d(12, 6, 1, bias=False),
-        nn.Flatten(),
-        nn.Linear(6 * 5 * 5, 16),
-        nn.ReLU(),
-        nn.Linear(16, 4, bias=False),
-    ).to(F64)
-    dr.convert(net, layers=lambda n, m: isinstance(m, (nn.Conv2d, nn.Linear)), beta=(1e-4, 0.05))
-    with torch.no_grad():
-        for _, layer in dr.denoising_layers(net):
-            layer.denoiser_weight.normal_(0, 0.2)
-    return net.train()
 
 
 def _denoiser_step(net: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor) -> torch.Tensor:

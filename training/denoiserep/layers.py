@@ -295,7 +295,7 @@ class DenoisingLayer:
         the features a layer's loss sees come from upstream denoisers at most k - 1 steps old (the
         layer's own loss always uses its current D). Rebuilt at once when W changes or trains.
         """
-        if self.fused_refresh <= 1 or self.weight.requires_grad:
+        if not self._reuses_fused():
             self._fused_cache = None
             return self.fused_parameters()
         version = self.weight._version
